@@ -1,0 +1,31 @@
+"""Turning a row's growing list of token ids into text pieces that are safe to show."""
+
+from __future__ import annotations
+
+
+class IncrementalDecoder:
+    """Emits only the new text of each token, without decoding the whole reply every step.
+
+    Decodes a short window of recent tokens (from `prefix` on) twice, with and without the new
+    ones, and emits the difference: tokenizers that merge pieces (byte-level BPE, WordPiece
+    prefixes, spaces before words) then still produce the right text. A piece that ends in an
+    unfinished UTF-8 character is held back until the next token completes it.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window used as context
+        self._read = 0  # tokens before this are already emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix:self._read])
+        after = self._decode(self._ids[self._prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return after[len(before):]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""

@@ -1,0 +1,386 @@
+"""The engine: one thread owns the model; every request is a row in its running batch.
+
+Gradio handlers call `submit()` and read the returned `ReplyStream`; they never touch the model.
+The engine thread loops: admit waiting requests (prefill each alone, merge it into the batch),
+run one decode step for all rows, hand each row its token, and let finished or cancelled rows
+leave. A request that arrives mid-generation therefore starts at the next step instead of
+waiting for the others' long answers, and no two threads are ever inside the model (which
+bitsandbytes int4 and `generate()` do not survive).
+
+Out of memory in a step halves the batch ceiling for a while and re-admits the rows from their
+text so far (the older half first); a request that cannot fit even alone gets a clear error. Any other failure fails only the requests in that batch; the loop
+goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..conversation import Conversation
+from ..gpu import peak_memory_mb, reset_peak_memory
+from .detokenizer import IncrementalDecoder
+from .reply_cache import ReplyCache
+from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
+from .sampling import sample_next_tokens
+
+log = logging.getLogger(__name__)
+
+# After this many decode steps without running out of memory, the batch ceiling grows by one
+# again, so one oversized burst does not slow the demo down for good.
+STEPS_TO_RECOVER_CEILING = 64
+
+
+@dataclass
+class _Row:
+    """A request inside the engine: what it asked, and what it generated so far."""
+
+    stream: ReplyStream
+    prompt: object
+    params: SamplingParams
+    decoder: IncrementalDecoder
+    cache_key: str | None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    started_at: float = 0.0
+    largest_batch: int = 1
+    reserved_bytes: int = 0
+
+
+class Engine:
+    """Owns a model runner on one thread and serves every request through it."""
+
+    def __init__(self, runner, *, max_batch: int = 8, cache_size: int = 128,
+                 memory_budget_bytes: int | None = None, seed: int = 0) -> None:
+        self.runner = runner
+        self.max_batch = max_batch if runner.supports_batching else 1
+        self.ceiling = self.max_batch
+        self.memory_budget_bytes = memory_budget_bytes
+        self.reply_cache = ReplyCache(cache_size)
+        self._seed = seed
+        self._generator: torch.Generator | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: deque[_Row] = deque()
+        self._rows: list[_Row] = []
+        self._batch = None
+        self._steps_since_oom = 0
+        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the handlers' side ------------------------------------------------------------------
+    def submit(self, conversation: Conversation, params: SamplingParams) -> ReplyStream:
+        """Queue a reply to `conversation`; returns at once with the stream it will arrive on.
+
+        Encoding (chat template, image preprocessing) runs here, on the caller's thread, so
+        the engine thread spends its time in the model.
+        """
+        stream = ReplyStream()
+        key = self._cache_key(conversation, params)
+        cached = self.reply_cache.get(key) if key else None
+        if cached is not None:
+            stream.append(cached)
+            stream.finish(ReplyStats(tokens=0, seconds=time.perf_counter() - stream.submitted_at,
+                                     batch_size=0, peak_memory_mb=None,
+                                     finish_reason=FinishReason.STOP, from_cache=True))
+            return stream
+        prompt, params = self._fit_context(conversation, params, stream)
+        if prompt is None:
+            return stream
+        row = _Row(stream=stream, prompt=prompt, params=params,
+                   decoder=IncrementalDecoder(self.runner.tokenizer), cache_key=key)
+        with self._wake:
+            self._waiting.append(row)
+            self._wake.notify()
+        return stream
+
+    def _fit_context(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream):
+        """Leave out the oldest exchanges until the chat fits the model's context, and say so."""
+        prompt = self.runner.encode(conversation)
+        context = self.runner.context_length
+        dropped = 0
+        while prompt.length + params.max_new_tokens > context and len(conversation.turns) > 1:
+            conversation = conversation.without_oldest_exchange()
+            prompt = self.runner.encode(conversation)
+            dropped += 1
+        if prompt.length >= context:
+            stream.fail(f"This message is too long for the model ({prompt.length} tokens; the model "
+                        f"reads at most {context}). Please shorten it or use a smaller image.")
+            return None, params
+        if dropped:
+            stream.notices.append(f"The chat was too long for the model: the oldest {dropped} "
+                                  f"exchange{'s' if dropped > 1 else ''} left out.")
+        if prompt.length + params.max_new_tokens > context:
+            params = replace(params, max_new_tokens=context - prompt.length)
+        return prompt, params
+
+    def state(self) -> dict:
+        """A cheap snapshot for status panels: never waits for the engine thread."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent_tokens) if now - t <= 5.0]
+        return {
+            "alive": self.alive,
+            "queue_depth": len(self._waiting),
+            "batch_size": len(self._rows),
+            "batch_ceiling": self.ceiling,
+            "max_batch": self.max_batch,
+            "tokens_per_s": sum(n for _, n in recent) / 5.0,
+            "cache_hits": self.reply_cache.hits,
+            "restarts": self.restarts,
+        }
+
+    def _cache_key(self, conversation: Conversation, params: SamplingParams) -> str | None:
+        if not params.greedy or self.reply_cache.capacity <= 0:
+            return None
+        return f"{conversation.digest()}:{params.max_new_tokens}"
+
+    # -- the engine thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        """Serve until shutdown; an unexpected error fails the batch in hand, never the engine."""
+        while not self._stopping:
+            try:
+                self._serve()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one batch
+                log.exception("engine loop failed; failing the current batch and carrying on")
+                self.restarts += 1
+                self._fail_all("The model failed while answering. Please try again.")
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            with self._wake:
+                while not self._rows and not self._waiting and not self._stopping:
+                    self._wake.wait()
+            if self.runner.supports_batching:
+                self._admit()
+                if self._rows:
+                    self._step()
+            else:
+                self._serve_one_serially()
+
+    def _next_waiting(self) -> _Row | None:
+        with self._lock:
+            while self._waiting:
+                row = self._waiting.popleft()
+                if not row.stream.cancelled:
+                    return row
+                self._finish(row, FinishReason.CANCELLED)
+            return None
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free batch slots, as long as their memory fits."""
+        while len(self._rows) < self.ceiling:
+            row = self._next_waiting()
+            if row is None:
+                return
+            row.reserved_bytes = self._reservation(row)
+            if self._rows and not self._fits(row.reserved_bytes):
+                self._requeue_front([row])
+                return
+            if not row.started_at:
+                row.started_at = time.perf_counter()
+            try:
+                newcomer, logits = self.runner.prefill(row.prompt, row.generated)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+                self._on_prefill_error(row, exc)
+                return
+            self._batch = self.runner.merge(self._batch, newcomer)
+            self._rows.append(row)
+            self._accept(row, int(self._sample(logits, [row])[0]))
+            self._mark_batch_size()
+            self._release_finished()
+
+    def _step(self) -> None:
+        tokens = torch.tensor([row.generated[-1] for row in self._rows])
+        try:
+            logits = self.runner.step(self._batch, tokens)
+        except Exception as exc:  # noqa: BLE001
+            if not _is_out_of_memory(exc):
+                raise
+            self._on_step_out_of_memory()
+            return
+        self._steps_since_oom += 1
+        if self._steps_since_oom >= STEPS_TO_RECOVER_CEILING and self.ceiling < self.max_batch:
+            self.ceiling += 1
+            self._steps_since_oom = 0
+        for row, token in zip(self._rows, self._sample(logits, self._rows).tolist(), strict=True):
+            self._accept(row, token)
+        self._release_finished()
+
+    def _serve_one_serially(self) -> None:
+        """Runners without batching (legacy remote-code `chat()` models): one request at a time."""
+        row = self._next_waiting()
+        if row is None:
+            return
+        row.started_at = time.perf_counter()
+        self._rows = [row]
+        try:
+            for piece in self.runner.stream(row.prompt, row.params, lambda: row.stream.cancelled):
+                row.generated.append(0)
+                row.stream.append(piece)
+                self._count_tokens(1)
+            reason = FinishReason.CANCELLED if row.stream.cancelled else FinishReason.STOP
+            self._finish(row, reason)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(row, _user_message(exc))
+        finally:
+            self._rows = []
+            self._after_idle()
+
+    # -- per-token bookkeeping -----------------------------------------------------------------
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        if self._generator is None or self._generator.device != logits.device:
+            self._generator = torch.Generator(device=logits.device).manual_seed(self._seed)
+        temperatures = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        top_ps = torch.tensor([r.params.top_p for r in rows], device=logits.device)
+        return sample_next_tokens(logits, temperatures, top_ps, self._generator).cpu()
+
+    def _accept(self, row: _Row, token: int) -> None:
+        row.generated.append(token)
+        self._count_tokens(1)
+        if token in self.runner.stop_token_ids:
+            row.finish_reason = FinishReason.STOP
+            return
+        row.stream.append(row.decoder.push(token))
+        if len(row.generated) >= row.params.max_new_tokens:
+            row.finish_reason = FinishReason.LENGTH
+
+    def _count_tokens(self, count: int) -> None:
+        now = time.monotonic()
+        self._recent_tokens.append((now, count))
+        while self._recent_tokens and now - self._recent_tokens[0][0] > 5.0:
+            self._recent_tokens.popleft()
+
+    def _mark_batch_size(self) -> None:
+        for row in self._rows:
+            row.largest_batch = max(row.largest_batch, len(self._rows))
+
+    def _release_finished(self) -> None:
+        """Let finished and cancelled rows leave the batch; the rest keep their order."""
+        keep = []
+        for index, row in enumerate(self._rows):
+            if row.stream.cancelled:
+                row.finish_reason = FinishReason.CANCELLED
+            if row.finish_reason is None:
+                keep.append(index)
+            else:
+                self._finish(row, row.finish_reason)
+        if len(keep) == len(self._rows):
+            return
+        self._batch = self.runner.select(self._batch, keep)
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._after_idle()
+
+    def _finish(self, row: _Row, reason: FinishReason) -> None:
+        seconds = time.perf_counter() - row.started_at if row.started_at else 0.0
+        tokens = len(row.generated) - (reason == FinishReason.STOP and bool(row.generated))
+        row.stream.finish(ReplyStats(tokens=max(tokens, 0), seconds=seconds, batch_size=row.largest_batch,
+                                     peak_memory_mb=peak_memory_mb(), finish_reason=reason))
+        if row.cache_key and reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.reply_cache.put(row.cache_key, row.stream.text)
+
+    def _fail(self, row: _Row, message: str) -> None:
+        row.stream.fail(message)
+
+    def _fail_all(self, message: str) -> None:
+        for row in self._rows:
+            self._fail(row, message)
+        self._rows, self._batch = [], None
+        self._after_idle()
+
+    def _after_idle(self) -> None:
+        """The batch emptied: start the next batch's peak-memory measurement afresh."""
+        reset_peak_memory()
+
+    # -- memory ----------------------------------------------------------------------------------
+    def _reservation(self, row: _Row) -> int:
+        estimate = getattr(self.runner, "cache_bytes", None)
+        if estimate is None:
+            return 0
+        return estimate(row.prompt.length + row.params.max_new_tokens)
+
+    def _fits(self, extra_bytes: int) -> bool:
+        if self.memory_budget_bytes is None:
+            return True
+        used = sum(row.reserved_bytes for row in self._rows)
+        return used + extra_bytes <= self.memory_budget_bytes
+
+    def _requeue_front(self, rows: list[_Row]) -> None:
+        with self._lock:
+            self._waiting.extendleft(reversed(rows))
+
+    def _on_prefill_error(self, row: _Row, exc: Exception) -> None:
+        _free_memory()
+        if _is_out_of_memory(exc) and self._rows:
+            # Others hold the memory: wait for them to finish, and admit fewer meanwhile.
+            self.ceiling = max(1, len(self._rows))
+            self._steps_since_oom = 0
+            self._requeue_front([row])
+            log.warning("out of memory admitting a request; batch ceiling now %d", self.ceiling)
+            return
+        log.warning("request failed in prefill: %r", exc)
+        self._fail(row, _user_message(exc))
+
+    def _on_step_out_of_memory(self) -> None:
+        """Halve the batch ceiling and re-admit every row from its text so far.
+
+        A step that ran out of memory may have updated some layers' caches and not others, so
+        no row's cache is trusted: each row is re-prefilled from its prompt plus the tokens it
+        already streamed, which continues it exactly where it was.
+        """
+        rows, self._rows, self._batch = self._rows, [], None
+        _free_memory()
+        if len(rows) == 1:
+            self._fail(rows[0], TOO_LARGE_MESSAGE)
+            self._after_idle()
+            return
+        self.ceiling = max(1, len(rows) // 2)
+        self._steps_since_oom = 0
+        self._requeue_front(rows)
+        log.warning("out of memory in a batch of %d: re-admitting them, at most %d at a time",
+                    len(rows), self.ceiling)
+
+
+TOO_LARGE_MESSAGE = ("This request does not fit in the GPU memory, even alone. Try fewer or smaller "
+                     "images, a shorter chat, or fewer new tokens.")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _user_message(exc: BaseException) -> str:
+    if _is_out_of_memory(exc):
+        return TOO_LARGE_MESSAGE
+    return f"The model could not answer this request ({type(exc).__name__}). Please try again."
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,137 @@
+"""One request's life in the engine: its settings, and the stream its reply comes back on.
+
+The engine thread writes into a `ReplyStream`; the Gradio handler that submitted the request
+reads from it on its own thread. The stream is the only thing the two share.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # the model said it was done (EOS)
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ReplyStats:
+    """What the line under a reply shows about how it was produced."""
+
+    tokens: int
+    seconds: float
+    batch_size: int  # the largest batch this reply shared while it was generated
+    peak_memory_mb: float | None  # torch's peak allocation over the batch's lifetime; None on CPU
+    finish_reason: FinishReason
+    from_cache: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ReplyError(RuntimeError):
+    """The engine could not produce this reply; the message is meant for the user."""
+
+
+class ReplyStream:
+    """A reply's text as it grows; written by the engine thread, read by one consumer.
+
+    Readers get the whole text so far (what Gradio wants to stream) and may skip intermediate
+    states: updates are coalesced to at most one per `interval`, which keeps a fast model from
+    flooding the browser with one message per token.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._text = ""
+        self._stats: ReplyStats | None = None
+        self._error: str | None = None
+        self._cancelled = threading.Event()
+        self.notices: list[str] = []  # things the user should know, e.g. "oldest turns left out"
+        self.submitted_at = time.perf_counter()
+        self.first_text_at: float | None = None
+
+    # -- engine side -------------------------------------------------------------------------
+    def append(self, text: str) -> None:
+        if not text:
+            return
+        with self._changed:
+            if self.first_text_at is None:
+                self.first_text_at = time.perf_counter()
+            self._text += text
+            self._changed.notify_all()
+
+    def finish(self, stats: ReplyStats) -> None:
+        with self._changed:
+            self._stats = stats
+            self._changed.notify_all()
+
+    def fail(self, message: str) -> None:
+        with self._changed:
+            self._error = message
+            self._changed.notify_all()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # -- consumer side -----------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (stop button, closed tab)."""
+        self._cancelled.set()
+
+    @property
+    def done(self) -> bool:
+        return self._stats is not None or self._error is not None
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @property
+    def stats(self) -> ReplyStats | None:
+        return self._stats
+
+    def updates(self, interval: float = 0.0) -> Iterator[str]:
+        """Yield the accumulated text each time it grew; raise ReplyError if the engine failed it."""
+        sent = None
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._text != sent or self.done)
+                text, done, error = self._text, self.done, self._error
+            if text != sent:
+                sent = text
+                yield text
+            if error is not None:
+                raise ReplyError(error)
+            if done:
+                return
+            if interval:
+                time.sleep(interval)
+
+    def result(self, timeout: float | None = None) -> str:
+        """Block until the reply is complete and return its text (used by tests and benchmarks)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.done, timeout=timeout):
+                raise TimeoutError("reply not finished in time")
+        if self._error is not None:
+            raise ReplyError(self._error)
+        return self._text

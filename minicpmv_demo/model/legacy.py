@@ -1,0 +1,69 @@
+"""Runs the legacy remote-code MiniCPM-V 2.5 / 2.6 checkpoints through their own `chat()` API.
+
+Their `chat(stream=True)` starts `generate()` on a thread of its own and hands back a text
+iterator. The engine calls one request at a time, and this runner always drains that iterator to
+the end, even after a cancel: walking away would leave `generate()` running while the engine
+starts the next request, which puts two threads in one (possibly bitsandbytes) model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..conversation import Conversation
+from ..engine.request import SamplingParams
+
+# The MiniCPM-V release's own sampling defaults for chat().
+TOP_K = 100
+REPETITION_PENALTY = 1.05
+
+
+@dataclass
+class LegacyPrompt:
+    msgs: list[dict]
+    image: object | None
+    system_prompt: str
+    length: int = 0
+
+
+class LegacyRunner:
+    """Serial runner for models whose only entry point is `model.chat(...)`."""
+
+    supports_batching = False
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_token_ids: frozenset[int] = frozenset()
+        # 2.5 takes one image beside the messages; 2.6 and later take images inside the content.
+        self.images_in_content = float(getattr(model.config, "version", 2.5)) >= 2.6
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 8192))
+
+    def encode(self, conversation: Conversation) -> LegacyPrompt:
+        msgs, first_image = [], None
+        for turn in conversation.turns:
+            pictures = [image.image for image in turn.images]
+            if self.images_in_content:
+                msgs.append({"role": turn.role, "content": [*pictures, turn.text]})
+            else:
+                first_image = first_image or (pictures[0] if pictures else None)
+                msgs.append({"role": turn.role, "content": turn.text})
+        return LegacyPrompt(msgs=msgs, image=first_image, system_prompt=conversation.system_prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stream(self, prompt: LegacyPrompt, params: SamplingParams,
+               cancelled: Callable[[], bool]) -> Iterator[str]:
+        """Yield text pieces until the model is done; after a cancel, drain without yielding."""
+        options = {"top_p": params.top_p, "top_k": TOP_K, "temperature": max(params.temperature, 1e-5),
+                   "repetition_penalty": REPETITION_PENALTY, "do_sample": not params.greedy}
+        if prompt.system_prompt:
+            options["system_prompt"] = prompt.system_prompt
+        pieces = self.model.chat(image=prompt.image, msgs=prompt.msgs, tokenizer=self.tokenizer,
+                                 sampling=True, stream=True, max_new_tokens=params.max_new_tokens,
+                                 **options)
+        for piece in pieces:
+            if not cancelled():
+                yield piece

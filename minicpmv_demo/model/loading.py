@@ -1,0 +1,173 @@
+"""Model loading in one place: which checkpoint, which precision, which device, which runner.
+
+Native transformers MiniCPM-V 4.x checkpoints load with the Auto classes and no remote code.
+Legacy 2.5 / 2.6 checkpoints need their own code from the hub, so they load only with an
+explicit --trust-remote-code. The built-in tiny model is built locally and then loaded exactly
+like a downloaded checkpoint. Every failure becomes one `ModelLoadError` line that says what to do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..settings import TINY_MODEL, Settings
+from .legacy import LegacyRunner
+from .native import NativeRunner
+from .tiny import ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GPU_MODEL = "openbmb/MiniCPM-V-4.6"
+NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")
+LEGACY_MODEL_TYPES = ("minicpmv",)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded; str() is one line saying what is wrong and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    runner: NativeRunner | LegacyRunner
+    model_id: str
+    is_tiny: bool
+    device: str
+    dtype: str
+    quantization: str
+
+    @property
+    def description(self) -> str:
+        precision = self.quantization if self.quantization != "none" else self.dtype
+        return f"{self.model_id} · {precision} · {self.device}"
+
+
+def resolve_model_id(settings: Settings, cuda: bool) -> str:
+    """`auto` means the real model where it can run (a CUDA GPU) and the tiny one elsewhere."""
+    if settings.model == "auto":
+        return DEFAULT_GPU_MODEL if cuda else TINY_MODEL
+    return settings.model
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    cuda = torch.cuda.is_available()
+    model_id = resolve_model_id(settings, cuda)
+    is_tiny = model_id == TINY_MODEL
+    source = str(ensure_tiny_model(settings.tiny_model_dir or None)) if is_tiny else _check_source(model_id)
+    config = _load_config(source, model_id, settings.trust_remote_code)
+    model_type = getattr(config, "model_type", "")
+    if model_type not in NATIVE_MODEL_TYPES + LEGACY_MODEL_TYPES:
+        raise ModelLoadError(f"{model_id} is a '{model_type}' model, not MiniCPM-V: pick a MiniCPM-V "
+                             f"checkpoint (e.g. {DEFAULT_GPU_MODEL}).")
+    dtype = _choose_dtype(settings.dtype, cuda)
+    quantization, quant_config = _choose_quantization(settings.quant, config, dtype, cuda)
+    device_map = _choose_device_map(settings.device_map, cuda)
+    kwargs = {"dtype": dtype, "device_map": device_map}
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+    log.info("loading %s (%s, %s, device_map=%s)", model_id, dtype, quantization, device_map)
+    try:
+        if model_type in NATIVE_MODEL_TYPES:
+            runner = _load_native(source, kwargs)
+        else:
+            runner = _load_legacy(source, kwargs)
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(f"Not enough GPU memory to load {model_id} in {quantization if quant_config else dtype}: "
+                             "try --quant int4, a smaller model, or a bigger GPU.") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"Could not load {model_id}: {_first_line(exc)}") from None
+    device = str(getattr(runner.model, "device", "cpu"))
+    return LoadedModel(runner=runner, model_id=model_id, is_tiny=is_tiny, device=device,
+                       dtype=str(dtype).removeprefix("torch."), quantization=quantization)
+
+
+def _check_source(model_id: str) -> str:
+    """A local folder is used as is; something that looks like a path but is missing is an error."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return str(path)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise ModelLoadError(f"Model folder {model_id} does not exist.")
+    return model_id
+
+
+def _load_config(source: str, model_id: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(f"{model_id} runs its own code (legacy MiniCPM-V 2.5/2.6): start with "
+                                 "--trust-remote-code if you trust its authors.") from None
+        raise ModelLoadError(f"{model_id} has an unreadable config: {_first_line(exc)}") from None
+    except OSError as exc:
+        if Path(source).is_dir():
+            raise ModelLoadError(f"{model_id} is not a model folder (no usable config.json).") from None
+        raise ModelLoadError(
+            f"Could not find {model_id} on the Hugging Face Hub or in the local cache (no network, a typo, "
+            "or a gated model?). Check the id, log in with `hf auth login`, or pass a local folder; "
+            "--model tiny runs offline.") from None
+
+
+def _choose_dtype(name: str, cuda: bool) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _choose_quantization(quant: str, config, dtype: torch.dtype, cuda: bool):
+    """Returns (label, transformers quantization config or None)."""
+    shipped = getattr(config, "quantization_config", None)
+    if shipped is not None:
+        method = shipped.get("quant_method", "?") if isinstance(shipped, dict) else getattr(shipped, "quant_method", "?")
+        return f"pre-quantized ({method})", None
+    if quant in ("auto", "none"):
+        return "none", None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"--quant {quant} needs bitsandbytes: pip install bitsandbytes.")
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return "int8 (bitsandbytes)", BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    # The configuration of the original MiniCPM-V int4 release: nf4 with double quantization.
+    return "int4 (nf4, double quant)", BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute)
+
+
+def _choose_device_map(device_map: str, cuda: bool) -> str:
+    if device_map == "auto":
+        return "auto" if cuda else "cpu"
+    if device_map.startswith("cuda") and not cuda:
+        raise ModelLoadError(f"--device-map {device_map} asks for a GPU, but CUDA is not available here.")
+    return device_map
+
+
+def _load_native(source: str, kwargs: dict) -> NativeRunner:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(source)
+    model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).eval()
+    return NativeRunner(model, processor)
+
+
+def _load_legacy(source: str, kwargs: dict) -> LegacyRunner:
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    model = AutoModel.from_pretrained(source, trust_remote_code=True, **kwargs).eval()
+    return LegacyRunner(model, tokenizer)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,178 @@
+"""The only code that runs a native transformers MiniCPM-V 4.x model, one decode step at a time.
+
+The engine decides *which* requests run together; this runner executes that decision:
+encode a conversation, prefill one newcomer alone, merge its cache into the running batch, run
+one decode step for every row, and drop rows that left. MiniCPM-V 4.6's text model mixes
+full-attention layers (a key/value cache that grows along time) with linear-attention layers (a
+fixed-size state per row), so merging and dropping handle both kinds.
+
+Why prefill alone: the vision tower reads images NaViT-packed for one sample at a time, and a
+batch-of-one prefill needs no padding. Rows of different lengths are then left-padded in the
+shared cache; each row gets its own position ids and attention mask so padding never leaks in.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from ..conversation import Conversation
+
+
+@dataclass
+class Prompt:
+    """One conversation, encoded: the processor's tensors for a batch of one (kept on the CPU)."""
+
+    inputs: dict[str, torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+@dataclass
+class Batch:
+    """The running rows' shared state: transformers cache, attention mask [B, T]."""
+
+    cache: object
+    mask: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+
+class NativeRunner:
+    """Runs `AutoModelForImageTextToText` MiniCPM-V 4.x checkpoints for the engine."""
+
+    supports_batching = True
+
+    def __init__(self, model, processor) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = model.device
+        # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"):
+        # encoding runs on the callers' threads, so it takes turns here instead of in the engine.
+        self._encode_lock = threading.Lock()
+        eos = model.generation_config.eos_token_id
+        eos_ids = eos if isinstance(eos, list) else [eos]
+        self.stop_token_ids = frozenset(i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
+        self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 32768))
+
+    # -- encoding (caller threads) ---------------------------------------------------------
+    def encode(self, conversation: Conversation) -> Prompt:
+        """Apply the chat template and the processor; images go in the order they appear."""
+        messages = conversation.to_template_messages()
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        images = [image.image for image in conversation.images()]
+        with self._encode_lock:
+            inputs = self.processor(images=[images] if images else None, text=[text], return_tensors="pt")
+        return Prompt(inputs=dict(inputs))
+
+    def count_tokens(self, text: str) -> int:
+        with self._encode_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- model work (engine thread only) ---------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, generated: list[int]) -> tuple[Batch, torch.Tensor]:
+        """Run one prompt alone; return its batch-of-one state and the next-token logits [1, V].
+
+        `generated` continues a row that was preempted (out of memory) without losing its text.
+        """
+        inputs = {k: v.to(self.device) for k, v in prompt.inputs.items()}
+        if generated:
+            extra = torch.tensor([generated], dtype=inputs["input_ids"].dtype, device=self.device)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        out = self.model.model(**inputs, use_cache=True)
+        logits = self.model.lm_head(out.last_hidden_state[:, -1, :]).float()
+        return Batch(cache=out.cache, mask=inputs["attention_mask"]), logits
+
+    @torch.inference_mode()
+    def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row its last token; returns next-token logits [B, V]. Updates `batch`."""
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
+        positions = batch.mask.sum(dim=1, keepdim=True) - 1
+        out = self.model.model(input_ids=tokens.to(self.device)[:, None], cache=batch.cache,
+                               attention_mask=batch.mask, position_ids=positions, use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1, :]).float()
+
+    def merge(self, batch: Batch | None, newcomer: Batch) -> Batch:
+        """Append `newcomer`'s rows to `batch`, left-padding the shorter one on the time axis."""
+        if batch is None:
+            return newcomer
+        width = max(batch.mask.shape[1], newcomer.mask.shape[1])
+        for old_layer, new_layer in zip(batch.cache.layers, newcomer.cache.layers, strict=True):
+            if _has_kv(old_layer):
+                old_layer.keys = torch.cat([_pad_time(old_layer.keys, width), _pad_time(new_layer.keys, width)])
+                old_layer.values = torch.cat([_pad_time(old_layer.values, width),
+                                              _pad_time(new_layer.values, width)])
+            if _has_linear_state(old_layer):
+                for states in ("conv_states", "recurrent_states"):
+                    old, new = getattr(old_layer, states), getattr(new_layer, states)
+                    for index in old:
+                        old[index] = torch.cat([old[index], new[index]])
+        batch.mask = torch.cat([_pad_mask(batch.mask, width), _pad_mask(newcomer.mask, width)])
+        return batch
+
+    def select(self, batch: Batch, keep: list[int]) -> Batch | None:
+        """Keep only rows `keep` (in that order); trim time columns that are now padding for all."""
+        if not keep:
+            return None
+        index = torch.tensor(keep, device=batch.mask.device)
+        mask = batch.mask.index_select(0, index)
+        real_columns = mask.any(dim=0).nonzero()
+        start = int(real_columns[0]) if len(real_columns) else 0
+        for layer in batch.cache.layers:
+            if _has_kv(layer):
+                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))[:, :, start:]
+                layer.values = layer.values.index_select(0, index.to(layer.values.device))[:, :, start:]
+            if _has_linear_state(layer):
+                for states in (layer.conv_states, layer.recurrent_states):
+                    for key, tensor in states.items():
+                        states[key] = tensor.index_select(0, index.to(tensor.device))
+        batch.mask = mask[:, start:]
+        return batch
+
+    # -- sizes, for memory-aware admission ---------------------------------------------------
+    def cache_bytes(self, tokens: int) -> int:
+        """Estimated cache bytes of one row holding `tokens` tokens (both layer kinds)."""
+        config = self.model.config.text_config
+        element = torch.finfo(self.model.dtype).bits // 8 if self.model.dtype.is_floating_point else 2
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_token = sum(2 * config.num_key_value_heads * head_dim * element
+                        for kind in layer_types if kind != "linear_attention")
+        fixed = 0
+        if "linear_attention" in layer_types:
+            key_dim = config.linear_num_key_heads * config.linear_key_head_dim
+            value_dim = config.linear_num_value_heads * config.linear_value_head_dim
+            conv = (2 * key_dim + value_dim) * config.linear_conv_kernel_dim * element
+            recurrent = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+            fixed = (conv + recurrent) * layer_types.count("linear_attention")
+        return tokens * per_token + fixed
+
+
+def _has_kv(layer) -> bool:
+    return getattr(layer, "keys", None) is not None
+
+
+def _has_linear_state(layer) -> bool:
+    return bool(getattr(layer, "conv_states", None))
+
+
+def _pad_time(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad a [B, H, T, D] key/value tensor with zeros up to `width` time steps."""
+    missing = width - tensor.shape[2]
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0)) if missing else tensor
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    return torch.nn.functional.pad(mask, (missing, 0)) if missing else mask

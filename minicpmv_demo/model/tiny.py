@@ -1,0 +1,189 @@
+"""The built-in tiny model: real MiniCPM-V 4.6 architecture at toy size, random weights.
+
+It lets the demo run, and the tests drive the real model code path, on a CPU with no network.
+It is built deterministically (fixed seed, fixed vocabulary) into an ordinary checkpoint folder,
+which is then loaded by the very same `from_pretrained` calls that load `openbmb/MiniCPM-V-4.6`.
+Its vocabulary is plain English words, so its random answers stream as readable (if meaningless)
+words instead of broken UTF-8.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when anything below changes what gets built: old cache folders are then ignored.
+TINY_MODEL_VERSION = "v1"
+SEED = 1234
+
+SPECIAL_TOKENS = {
+    "pad_token": "<|endoftext|>",
+    "eos_token": "<|im_end|>",
+    "unk_token": "<unk>",
+}
+# Same strings as the real MiniCPM-V 4.6 tokenizer; the processor reads them by these names.
+MULTIMODAL_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+CHAT_TOKENS = ["<|im_start|>"]
+
+WORDS = """
+the a an and or but of to in on at by for with from as is are was were be been it this that these
+those there here what which who how why when where yes no not all some many few more most less one
+two three four five six seven eight nine ten image picture photo chart receipt diagram scene graph
+table text number numbers total price item items store shop bar bars line lines axis month months
+sales year left right top bottom middle center background foreground color colors red green blue
+yellow orange purple black white gray brown pink sky sun cloud clouds mountain mountains tree trees
+house road river water grass field flower person people car window door roof wall light dark bright
+small large big tall short wide narrow round square box boxes arrow arrows step steps flow queue
+engine stream user users model request requests answer question shows show see looks like appears
+contains has have there's about around above below next near far inside outside value values highest
+lowest increase decrease trend data label labels title shape shapes circle triangle rectangle simple
+clear blurry busy quiet calm warm cold morning evening night day summer winter spring autumn paper
+coffee bread milk apple tea sandwich cake water juice cash card change thank you visit again date
+time list first second third last also then so very quite rather mostly mainly likely probably maybe
+user assistant system
+""".split()
+PUNCTUATION = list(".,:;!?'\"()-/%$#&*+=<>[]{}")
+DIGITS = list("0123456789")
+
+# ChatML, as MiniCPM-V 4.6 uses; an image part renders as one placeholder that the processor
+# expands into the image's slices.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|image_pad|>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def default_cache_dir() -> Path:
+    """Where built models live unless --tiny-model-dir says otherwise."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minicpmv-demo"
+
+
+def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the tiny checkpoint folder, building it first if this version is not there yet.
+
+    Built in a temporary sibling folder and renamed into place, so two processes starting at
+    once (tests, a second app) never see a half-written checkpoint.
+    """
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / f"tiny-minicpmv4_6-{TINY_MODEL_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
+    try:
+        build_tiny_model(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_tiny_model(folder: Path) -> None:
+    """Write tokenizer, processor and random-weight model into `folder`."""
+    import torch
+    from transformers import MiniCPMV4_6ForConditionalGeneration
+
+    tokenizer = _build_tokenizer()
+    processor = _build_processor(tokenizer)
+    config = _build_config(tokenizer)
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        model = MiniCPMV4_6ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def _build_tokenizer():
+    """A word-level tokenizer: random weights then pick whole words, which read as words."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import TokenizersBackend
+
+    specials = list(SPECIAL_TOKENS.values()) + list(MULTIMODAL_TOKENS.values()) + CHAT_TOKENS
+    ordinary = list(dict.fromkeys(WORDS + PUNCTUATION + DIGITS))
+    vocab = {token: index for index, token in enumerate(specials + ordinary)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return TokenizersBackend(
+        tokenizer_object=backend,
+        **SPECIAL_TOKENS,
+        extra_special_tokens={**MULTIMODAL_TOKENS, "im_start_token": "<|im_start|>"},
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+    )
+
+
+def _build_processor(tokenizer):
+    from transformers import (MiniCPMV4_6ImageProcessor, MiniCPMV4_6Processor,
+                              MiniCPMV4_6VideoProcessor)
+
+    sizes = {"scale_resolution": 112, "patch_size": 14, "max_slice_nums": 4}
+    return MiniCPMV4_6Processor(
+        image_processor=MiniCPMV4_6ImageProcessor(**sizes),
+        video_processor=MiniCPMV4_6VideoProcessor(**sizes),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _build_config(tokenizer):
+    from transformers import MiniCPMV4_6Config
+
+    text_config = {
+        "model_type": "qwen3_5_text",
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        # One layer of each kind, so the engine's cache handling is exercised on both.
+        "layer_types": ["linear_attention", "full_attention"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
+        "linear_conv_kernel_dim": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "max_position_embeddings": 4096,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
+    return MiniCPMV4_6Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        insert_layer_id=0,
+        image_size=112,
+        image_token_id=tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["image_token"]),
+        video_token_id=tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["video_token"]),
+    )

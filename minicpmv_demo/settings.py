@@ -1,0 +1,155 @@
+"""Every knob of the demo in one typed place: a command-line flag with an env-var twin.
+
+A Hugging Face Space cannot pass command-line flags, so each flag `--foo-bar` can also be set
+with the variable `MINICPMV_FOO_BAR` (a flag given on the command line wins over the variable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+ENV_PREFIX = "MINICPMV_"
+TINY_MODEL = "tiny"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the app runs with. Defaults work offline on a CPU (they serve the tiny model)."""
+
+    model: str = field(
+        default="auto",
+        metadata={"help": "hub id or local folder; 'auto' = openbmb/MiniCPM-V-4.6 on a CUDA GPU, "
+                          "else the built-in tiny test model; 'tiny' = always the tiny model"})
+    quant: str = field(
+        default="auto", metadata={"help": "auto|none|int4|int8 (int4 = bitsandbytes nf4, double quant)",
+                                  "choices": ("auto", "none", "int4", "int8")})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto|bfloat16|float16|float32",
+                                  "choices": ("auto", "bfloat16", "float16", "float32")})
+    device_map: str = field(
+        default="auto", metadata={"help": "'auto' spreads the model over all GPUs (accelerate); "
+                                          "or cpu, cuda, cuda:1"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "allow the legacy MiniCPM-V 2.5/2.6 checkpoints, which run "
+                                         "code downloaded with the model"})
+    tiny_model_dir: str = field(
+        default="", metadata={"help": "where the tiny model is built (default: ~/.cache/minicpmv-demo)"})
+
+    max_batch: int = field(default=8, metadata={"help": "most requests decoded together in one batch"})
+    concurrency: int = field(
+        default=64, metadata={"help": "chat events that reach the engine at once; more wait in "
+                                      "Gradio's queue and see their position"})
+    queue_size: int = field(default=256, metadata={"help": "events allowed to wait; beyond it users "
+                                                          "see 'busy, try again'"})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "share of GPU memory the engine may fill with caches"})
+    cache_size: int = field(default=128, metadata={"help": "greedy replies remembered (0 disables)"})
+    max_new_tokens: int = field(default=1024, metadata={"help": "server cap on new tokens per reply"})
+    default_new_tokens: int = field(default=512, metadata={"help": "initial value of the slider"})
+    max_images: int = field(default=4, metadata={"help": "most images in one message"})
+    max_file_mb: float = field(default=20.0, metadata={"help": "largest upload accepted"})
+    stream_interval: float = field(
+        default=0.03, metadata={"help": "seconds between streamed UI updates (coalesces tokens)"})
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 for all)"})
+    port: int = field(default=7860, metadata={"help": "port to listen on"})
+    share: bool = field(default=False, metadata={"help": "create a public gradio.live link"})
+    auth: str = field(default="", metadata={"help": "user:password required for the UI and the API"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling (temperature > 0)"})
+
+    @property
+    def auth_pair(self) -> tuple[str, str] | None:
+        """`--auth user:password` as Gradio wants it, or None when the demo is open."""
+        if not self.auth:
+            return None
+        user, sep, password = self.auth.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth must look like user:password")
+        return user, password
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; each default shown in --help is the env twin's value when it is set."""
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="MiniCPM-V chat demo: one engine thread owns the model and batches users.",
+        epilog=f"Every flag --foo-bar has an environment twin {ENV_PREFIX}FOO_BAR.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for spec in fields(Settings):
+        help_text = f"{spec.metadata['help']} [env {_env_name(spec.name)}]"
+        if spec.type == "bool":
+            parser.add_argument(_flag(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction,
+                                default=spec.default, help=help_text)
+        else:
+            parser.add_argument(_flag(spec.name), dest=spec.name, type=_TYPES[spec.type],
+                                default=spec.default, choices=spec.metadata.get("choices"),
+                                help=help_text)
+    return parser
+
+
+_TYPES = {"str": str, "int": int, "float": float}
+
+
+def _env_defaults(environ: dict[str, str]) -> dict[str, object]:
+    """Values from MINICPMV_* variables, converted to each field's type."""
+    values: dict[str, object] = {}
+    for spec in fields(Settings):
+        raw = environ.get(_env_name(spec.name))
+        if raw is None:
+            continue
+        try:
+            values[spec.name] = _parse_bool(raw) if spec.type == "bool" else _TYPES[spec.type](raw)
+        except ValueError as exc:
+            raise SystemExit(f"error: {_env_name(spec.name)}={raw!r} is not valid: {exc}") from None
+    return values
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Flags win over env vars, env vars over the defaults."""
+    parser = build_parser()
+    parser.set_defaults(**_env_defaults(dict(os.environ) if environ is None else environ))
+    settings = Settings(**vars(parser.parse_args(argv)))
+    _check(settings, parser)
+    return settings
+
+
+def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
+    """Refuse settings that would only fail later, with the flag's name in the message."""
+    problems = []
+    for name in ("max_batch", "concurrency", "queue_size", "max_new_tokens", "default_new_tokens",
+                 "max_images"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{_flag(name)} must be at least 1")
+    if settings.cache_size < 0:
+        problems.append("--cache-size must be 0 or more")
+    if not 0.05 <= settings.gpu_memory_utilization <= 1.0:
+        problems.append("--gpu-memory-utilization must be between 0.05 and 1")
+    if settings.max_file_mb <= 0:
+        problems.append("--max-file-mb must be positive")
+    try:
+        settings.auth_pair
+    except ValueError as exc:
+        problems.append(str(exc))
+    if problems:
+        parser.error("; ".join(problems))

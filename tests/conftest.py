@@ -1,0 +1,80 @@
+"""Shared fixtures: the built-in tiny model (built once per run) and helpers to start engines.
+
+Everything here is real: the tiny model is the real MiniCPM-V 4.6 architecture loaded through the
+same code as a downloaded checkpoint; engines run their own thread; apps are real Gradio servers.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from minicpmv_demo.conversation import Conversation, Turn
+from minicpmv_demo.engine import Engine
+from minicpmv_demo.images import prepare_image
+from minicpmv_demo.model import load_model
+from minicpmv_demo.settings import Settings
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_dir) -> Settings:
+    return Settings(model="tiny", tiny_model_dir=tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def loaded_tiny(tiny_settings):
+    return load_model(tiny_settings)
+
+
+@pytest.fixture
+def make_engine(loaded_tiny):
+    """Start engines on the tiny model's runner; every engine is shut down after the test."""
+    engines = []
+
+    def start(runner=None, **options) -> Engine:
+        options.setdefault("cache_size", 0)
+        engine = Engine(runner or loaded_tiny.runner, **options).start()
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        engine.shutdown()
+
+
+def asset_image(name: str):
+    return prepare_image(ASSETS / name)
+
+
+def ask(text: str, *image_names: str, history: tuple[Turn, ...] = ()) -> Conversation:
+    """A conversation whose last turn asks `text` about the named example images."""
+    turn = Turn(role="user", text=text, images=tuple(asset_image(n) for n in image_names))
+    return Conversation(turns=(*history, turn))
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `timeout` passes; returns whether it held."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()

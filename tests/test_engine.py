@@ -1,0 +1,249 @@
+"""Engine unit tests on the tiny model: batching, per-row settings, joins, leaves, faults, caching."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import ask, wait_until
+from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
+from minicpmv_demo.model.native import NativeRunner
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
+QUESTIONS = [
+    ask("What is in the image?", "scene.png"),
+    ask("Read the total.", "receipt.png"),
+    ask("Which month is highest?", "chart.png"),
+    ask("Explain the arrows.", "diagram.png"),
+    ask("Compare the two pictures.", "chart.png", "scene.png"),
+    ask("Say hello without any image."),
+]
+
+
+def reference_reply(runner: NativeRunner, conversation, max_new_tokens: int) -> str:
+    """What plain `model.generate` (greedy) answers: the ground truth for the engine's loop."""
+    prompt = runner.encode(conversation)
+    inputs = dict(prompt.inputs)
+    with torch.inference_mode():
+        out = runner.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return runner.tokenizer.decode(out[0, prompt.length:], skip_special_tokens=True)
+
+
+def test_solo_reply_matches_generate(make_engine, loaded_tiny):
+    engine = make_engine(max_batch=1)
+    for conversation in QUESTIONS[:3]:
+        reply = engine.submit(conversation, GREEDY).result(timeout=60)
+        assert reply == reference_reply(loaded_tiny.runner, conversation, GREEDY.max_new_tokens)
+        assert len(reply.split()) >= 5
+
+
+def test_concurrent_requests_batch_without_cross_talk(make_engine):
+    solo = make_engine(max_batch=1)
+    expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS]
+    solo.shutdown()
+    engine = make_engine(max_batch=8)
+    streams = [engine.submit(c, GREEDY) for c in QUESTIONS]
+    replies = [s.result(timeout=60) for s in streams]
+    assert replies == expected
+    assert max(s.stats.batch_size for s in streams) > 1
+    assert len(set(replies)) > 1  # different questions really got different answers
+
+
+def test_each_row_keeps_its_own_settings(make_engine):
+    engine = make_engine(max_batch=4)
+    short = engine.submit(QUESTIONS[0], SamplingParams(max_new_tokens=3))
+    long = engine.submit(QUESTIONS[1], SamplingParams(max_new_tokens=30))
+    hot = engine.submit(QUESTIONS[2], SamplingParams(max_new_tokens=20, temperature=1.5, top_p=0.95))
+    for stream in (short, long, hot):
+        stream.result(timeout=60)
+    assert (short.stats.tokens, short.stats.finish_reason) == (3, FinishReason.LENGTH)
+    assert (long.stats.tokens, long.stats.finish_reason) == (30, FinishReason.LENGTH)
+    assert hot.stats.tokens == 20 and hot.text
+
+
+def test_rows_finish_on_their_own_eos(make_engine, loaded_tiny):
+    """A copy of the tiny model whose EOS scores like one of its words: some replies now end early.
+
+    Batched, every row must end exactly where it ends alone, while the others go on.
+    """
+    runner = loaded_tiny.runner
+    word = make_engine(max_batch=1).submit(QUESTIONS[3], GREEDY).result(timeout=60).split()[5]
+    model = copy.deepcopy(runner.model)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # untie from the embeddings
+        row = model.lm_head.weight[runner.tokenizer.convert_tokens_to_ids(word)]
+        model.lm_head.weight[runner.tokenizer.eos_token_id] = row * 1.01
+    eos_runner = NativeRunner(model, runner.processor)
+    solo = make_engine(eos_runner, max_batch=1)
+    alone = [solo.submit(c, GREEDY) for c in QUESTIONS]
+    expected = [(s.result(timeout=60), s.stats.finish_reason) for s in alone]
+    solo.shutdown()
+    assert {reason for _, reason in expected} == {FinishReason.STOP, FinishReason.LENGTH}
+    batched = [make_engine(eos_runner, max_batch=8).submit(c, GREEDY) for c in QUESTIONS]
+    assert [(s.result(timeout=60), s.stats.finish_reason) for s in batched] == expected
+
+
+def test_request_joins_a_running_batch_mid_generation(make_engine):
+    params = SamplingParams(max_new_tokens=400)
+    solo = make_engine(max_batch=1)
+    expected_late = solo.submit(QUESTIONS[3], GREEDY).result(timeout=60)
+    expected_early = solo.submit(QUESTIONS[0], params).result(timeout=120)
+    solo.shutdown()
+    engine = make_engine(max_batch=4)
+    early = engine.submit(QUESTIONS[0], params)
+    assert wait_until(lambda: len(early.text.split()) >= 20)
+    late = engine.submit(QUESTIONS[3], GREEDY)
+    assert late.result(timeout=60) == expected_late
+    assert not early.done, "the newcomer had to wait for the long answer to finish"
+    assert early.result(timeout=120) == expected_early
+    assert late.stats.batch_size == 2
+
+
+def test_cancel_frees_the_row_and_others_carry_on(make_engine):
+    engine = make_engine(max_batch=4)
+    params = SamplingParams(max_new_tokens=600)
+    doomed, survivor = engine.submit(QUESTIONS[0], params), engine.submit(QUESTIONS[1], params)
+    assert wait_until(lambda: bool(doomed.text))
+    doomed.cancel()
+    assert wait_until(lambda: doomed.done)
+    assert doomed.stats.finish_reason == FinishReason.CANCELLED
+    assert doomed.stats.tokens < 600
+    assert not survivor.done, "the other request keeps going"
+    survivor.result(timeout=60)
+    assert wait_until(lambda: engine.state()["batch_size"] == 0)
+
+
+class OutOfMemoryModel(torch.nn.Module):
+    """Wraps the tiny model's text+vision stack and raises CUDA-style OOM past a batch size or
+    prompt length, as a GPU would; everything else runs the real model."""
+
+    def __init__(self, real, max_rows: int, max_prompt: int = 10_000) -> None:
+        super().__init__()
+        self.real, self.max_rows, self.max_prompt = real, max_rows, max_prompt
+        self.config, self.generation_config, self.lm_head = real.config, real.generation_config, real.lm_head
+        self.calls = []
+
+    @property
+    def device(self):
+        return self.real.device
+
+    @property
+    def dtype(self):
+        return self.real.dtype
+
+    def model(self, **inputs):
+        rows, length = inputs["input_ids"].shape
+        self.calls.append(rows)
+        if rows > self.max_rows or length > self.max_prompt:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.real.model(**inputs)
+
+
+def test_out_of_memory_splits_the_batch_and_everyone_finishes(make_engine, loaded_tiny, caplog):
+    runner = loaded_tiny.runner
+    solo = make_engine(max_batch=1)
+    expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS[:5]]
+    solo.shutdown()
+    flaky = OutOfMemoryModel(runner.model, max_rows=2)
+    engine = make_engine(NativeRunner(flaky, runner.processor), max_batch=8)
+    streams = [engine.submit(c, GREEDY) for c in QUESTIONS[:5]]
+    assert [s.result(timeout=60) for s in streams] == expected
+    assert max(flaky.calls) > 2, "the engine never tried a batch that was too large"
+    assert "out of memory in a batch of 5" in caplog.text and "at most 2 at a time" in caplog.text
+    too_big = sum(1 for rows in flaky.calls if rows > 2)
+    assert too_big <= 3, "the lowered ceiling must stop the engine from retrying what failed"
+    assert engine.alive
+
+
+def test_request_too_large_even_alone_gets_a_clear_error(make_engine, loaded_tiny):
+    runner = loaded_tiny.runner
+    big = ask("Compare them.", "chart.png", "scene.png", "receipt.png")
+    limit = runner.encode(big).length - 1
+    engine = make_engine(NativeRunner(OutOfMemoryModel(runner.model, max_rows=8, max_prompt=limit),
+                                      runner.processor), max_batch=4)
+    fine, too_big = engine.submit(QUESTIONS[0], GREEDY), engine.submit(big, GREEDY)
+    with pytest.raises(ReplyError, match="does not fit in the GPU memory"):
+        too_big.result(timeout=60)
+    assert fine.result(timeout=60)
+    assert engine.submit(QUESTIONS[1], GREEDY).result(timeout=60)
+
+
+def test_model_exception_fails_only_that_batch(make_engine, loaded_tiny):
+    runner = loaded_tiny.runner
+
+    class Broken(OutOfMemoryModel):
+        fail_next = True
+
+        def model(self, **inputs):
+            if inputs["input_ids"].shape[1] == 1 and Broken.fail_next:
+                Broken.fail_next = False
+                raise RuntimeError("device-side assert triggered")
+            return self.real.model(**inputs)
+
+    engine = make_engine(NativeRunner(Broken(runner.model, max_rows=8), runner.processor), max_batch=4)
+    with pytest.raises(ReplyError, match="try again"):
+        engine.submit(QUESTIONS[0], GREEDY).result(timeout=60)
+    assert engine.alive and engine.restarts == 1
+    assert engine.submit(QUESTIONS[1], GREEDY).result(timeout=60)
+
+
+def test_memory_budget_limits_the_batch(make_engine, loaded_tiny):
+    runner = loaded_tiny.runner
+    per_row = runner.cache_bytes(runner.encode(QUESTIONS[0]).length + GREEDY.max_new_tokens)
+    engine = make_engine(max_batch=8, memory_budget_bytes=int(per_row * 2.5))
+    streams = [engine.submit(QUESTIONS[0], GREEDY) for _ in range(5)]
+    for stream in streams:
+        stream.result(timeout=60)
+    assert max(s.stats.batch_size for s in streams) == 2
+
+
+def test_identical_greedy_request_is_answered_from_cache(make_engine):
+    engine = make_engine(max_batch=4, cache_size=8)
+    first = engine.submit(QUESTIONS[0], GREEDY)
+    text = first.result(timeout=60)
+    again = engine.submit(ask("What is in the image?", "scene.png"), GREEDY)
+    assert again.result(timeout=5) == text and again.stats.from_cache
+    sampled = engine.submit(QUESTIONS[0], SamplingParams(max_new_tokens=24, temperature=0.9))
+    sampled.result(timeout=60)
+    assert not sampled.stats.from_cache
+
+
+def test_long_chat_drops_oldest_turns_with_notice(make_engine, loaded_tiny):
+    from minicpmv_demo.conversation import Turn
+
+    runner = loaded_tiny.runner
+    filler = " ".join(["the picture shows a house"] * 300)
+    history = tuple(t for _ in range(3) for t in (Turn("user", filler), Turn("assistant", filler)))
+    conversation = ask("And now?", "scene.png", history=history)
+    original = runner.context_length
+    runner.context_length = runner.encode(conversation).length - 500
+    try:
+        stream = make_engine(max_batch=2).submit(conversation, GREEDY)
+        assert stream.result(timeout=60)
+        assert stream.notices and "left out" in stream.notices[0]
+    finally:
+        runner.context_length = original
+
+
+def test_many_threads_submitting_at_once(make_engine):
+    engine = make_engine(max_batch=8)
+    results, errors = {}, []
+
+    def user(i):
+        try:
+            results[i] = engine.submit(QUESTIONS[i % len(QUESTIONS)], GREEDY).result(timeout=120)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(16):
+        assert results[i] == results[i % len(QUESTIONS)]
