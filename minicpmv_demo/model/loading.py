@@ -99,6 +99,8 @@ def _check_source(model_id: str) -> str:
 def _load_config(source: str, model_id: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise ModelLoadError(f"{model_id} is not a model folder (it has no config.json).")
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -106,9 +108,7 @@ def _load_config(source: str, model_id: str, trust_remote_code: bool):
             raise ModelLoadError(f"{model_id} runs its own code (legacy MiniCPM-V 2.5/2.6): start with "
                                  "--trust-remote-code if you trust its authors.") from None
         raise ModelLoadError(f"{model_id} has an unreadable config: {_first_line(exc)}") from None
-    except OSError as exc:
-        if Path(source).is_dir():
-            raise ModelLoadError(f"{model_id} is not a model folder (no usable config.json).") from None
+    except OSError:
         raise ModelLoadError(
             f"Could not find {model_id} on the Hugging Face Hub or in the local cache (no network, a typo, "
             "or a gated model?). Check the id, log in with `hf auth login`, or pass a local folder; "

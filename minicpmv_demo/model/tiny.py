@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
-TINY_MODEL_VERSION = "v1"
+TINY_MODEL_VERSION = "v2"
 SEED = 1234
 
 SPECIAL_TOKENS = {
@@ -170,14 +170,18 @@ def _build_config(tokenizer):
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]},
         "linear_conv_kernel_dim": 2,
         "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
+        "linear_value_head_dim": 8,
         "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
+        # 32 value heads: the a/b gate projections (one output per head) stay 32 wide, which
+        # bitsandbytes' CPU int4 kernels need.
+        "linear_num_value_heads": 32,
         "max_position_embeddings": 4096,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    vision_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    # Linear layers read at least 64 values: bitsandbytes' CPU int4 kernels need whole
+    # 64-value quantization blocks.
+    vision_config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
     return MiniCPMV4_6Config(
         text_config=text_config,

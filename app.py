@@ -1,0 +1,34 @@
+"""MiniCPM-V chat demo: `python app.py --help` lists every setting (each has an env twin).
+
+Also the Hugging Face Spaces entry point (`app_file: app.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Before gradio is imported: a demo that must work offline should not phone home.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from minicpmv_demo.settings import parse_settings  # noqa: E402  (light: --help stays fast)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from minicpmv_demo.model import ModelLoadError
+    from minicpmv_demo.server import build_app
+
+    try:
+        app = build_app(settings)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app.launch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

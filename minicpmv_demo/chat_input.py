@@ -1,0 +1,136 @@
+"""Turning what a chat client sends (Gradio messages, API payloads) into a `Conversation`.
+
+Messages arrive in several shapes: Gradio's normalised parts (`{"type": "file", "file": {...}}`),
+plain strings, bare file dicts from API clients. They are read leniently, but every file is
+checked strictly: it must lie in an upload folder (never an arbitrary server path) and pass
+image validation. Messages that carry `metadata` are display-only (the stats line under a
+reply) and are never sent back to the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .conversation import Conversation, Turn
+from .images import ImageError, ImageLimits, PreparedImage, prepare_image
+
+
+class InputError(ValueError):
+    """The request cannot be answered as sent; str() is a short message for the user."""
+
+
+@dataclass(frozen=True)
+class InputRules:
+    """What a request may contain; from the settings."""
+
+    image_limits: ImageLimits
+    max_images: int
+    allowed_roots: tuple[str, ...]  # upload folders that files may come from
+
+
+def build_conversation(message: dict | str, history: Sequence[dict] | None, *, system_prompt: str,
+                       rules: InputRules) -> tuple[Conversation, list[str]]:
+    """Return the conversation to answer and notices for the user (e.g. "image downscaled")."""
+    text, files = _split_message(message)
+    if not text.strip() and not files:
+        raise InputError("Please type a question or attach an image.")
+    if len(files) > rules.max_images:
+        raise InputError(f"Too many images in one message: {len(files)} (the limit is {rules.max_images}).")
+    turns = _history_turns(history or [], rules)
+    new_images = [_load(path, rules) for path in files]
+    notices = [notice for image in new_images for notice in image.notices]
+    turns.append(Turn(role="user", text=text.strip(), images=tuple(new_images)))
+    return Conversation(turns=tuple(_merge_same_role(turns)), system_prompt=system_prompt.strip()), notices
+
+
+def _split_message(message: dict | str) -> tuple[str, list[str]]:
+    if isinstance(message, str):
+        return message, []
+    if not isinstance(message, dict):
+        raise InputError("The message must be text, or {'text': ..., 'files': [...]}.")
+    text = message.get("text") or ""
+    if not isinstance(text, str):
+        raise InputError("The message text must be a string.")
+    return text, [_file_path(item) for item in message.get("files") or []]
+
+
+def _history_turns(history: Iterable[dict], rules: InputRules) -> list[Turn]:
+    turns = []
+    for entry in history:
+        if not isinstance(entry, dict) or entry.get("role") not in ("user", "assistant"):
+            raise InputError("Each history entry needs a role ('user' or 'assistant') and content.")
+        if entry.get("metadata"):
+            continue  # display-only lines such as the GPU memory under a reply
+        texts, images = [], []
+        for part in _parts(entry.get("content")):
+            if isinstance(part, str):
+                texts.append(part)
+            elif part.get("type") == "text" or "text" in part:
+                texts.append(str(part.get("text", "")))
+            else:
+                images.append(_load(_file_path(part), rules))
+        if entry["role"] == "assistant":
+            images = []  # the model never sees images "said" by the assistant
+        turns.append(Turn(role=entry["role"], text="\n".join(t for t in texts if t), images=tuple(images)))
+    return turns
+
+
+def _parts(content) -> list:
+    if content is None:
+        return []
+    if isinstance(content, (str, dict)):
+        return [content]
+    if isinstance(content, (list, tuple)):
+        return list(content)
+    raise InputError("History content must be text, a file, or a list of those.")
+
+
+def _file_path(item) -> str:
+    """The server path of an uploaded file, whatever wrapper it came in."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        inner = item.get("file") if isinstance(item.get("file"), dict) else item
+        path = inner.get("path")
+        if isinstance(path, str) and path:
+            return path
+    raise InputError("An attached file could not be read (no path).")
+
+
+def _merge_same_role(turns: list[Turn]) -> list[Turn]:
+    """Gradio shows each uploaded image as its own message; the model wants one turn per speaker."""
+    merged: list[Turn] = []
+    for turn in turns:
+        if merged and merged[-1].role == turn.role:
+            last = merged[-1]
+            text = "\n".join(t for t in (last.text, turn.text) if t)
+            merged[-1] = Turn(role=turn.role, text=text, images=last.images + turn.images)
+        else:
+            merged.append(turn)
+    while merged and merged[0].role != "user":
+        merged.pop(0)  # a chat opens with the user; a leading greeting would confuse the template
+    return merged
+
+
+def _load(path: str, rules: InputRules) -> PreparedImage:
+    real = os.path.realpath(path)
+    if not any(real.startswith(os.path.realpath(root) + os.sep) for root in rules.allowed_roots):
+        raise InputError(f"{Path(path).name} is not an uploaded file; upload the image instead.")
+    try:
+        stat = os.stat(real)
+    except OSError:
+        raise InputError(f"{Path(path).name} is no longer on the server; please upload it again.") from None
+    try:
+        return _prepare_cached(real, stat.st_size, stat.st_mtime_ns, rules.image_limits)
+    except ImageError as exc:
+        raise InputError(str(exc)) from None
+
+
+@lru_cache(maxsize=256)
+def _prepare_cached(path: str, size: int, mtime_ns: int, limits: ImageLimits) -> PreparedImage:
+    """Follow-up turns resend the same uploads: validate and normalise each file only once."""
+    return prepare_image(path, limits)

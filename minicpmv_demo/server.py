@@ -1,0 +1,77 @@
+"""Assembling the demo: model -> engine -> UI, and launching it with the settings' limits.
+
+`app.py` (the command line) and the tests build the app the same way, through `build_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import gradio as gr
+import torch
+
+from .engine import Engine
+from .gpu import GpuMemory
+from .model import LoadedModel, load_model
+from .settings import Settings
+from .ui import build_ui
+
+log = logging.getLogger(__name__)
+
+SHARE_WARNING = ("WARNING: --share makes this demo reachable by anyone with the link, and no --auth "
+                 "is set. Add --auth user:password to require a login.")
+
+
+@dataclass
+class App:
+    settings: Settings
+    loaded: LoadedModel
+    engine: Engine
+    demo: gr.Blocks
+
+    def launch(self, **overrides):
+        """Start serving; returns what `Blocks.launch` returns (app, local url, share url)."""
+        settings = self.settings
+        if settings.share and not settings.auth:
+            log.warning(SHARE_WARNING)
+            print(SHARE_WARNING, flush=True)
+        options = {
+            "server_name": settings.host,
+            "server_port": settings.port,
+            "share": settings.share,
+            "auth": settings.auth_pair,
+            "max_file_size": int(settings.max_file_mb * 1024 * 1024),
+            # A streaming event holds a worker thread for its whole reply.
+            "max_threads": settings.concurrency + 16,
+        }
+        options.update(overrides)
+        return self.demo.launch(**options)
+
+    def close(self) -> None:
+        self.demo.close()
+        self.engine.shutdown()
+
+
+def cache_budget_bytes(utilization: float) -> int | None:
+    """Bytes the engine may fill with caches on the GPU: the free share under `utilization`.
+
+    Measured after the model is loaded, so the weights are already counted as used. None on
+    the CPU, where the operating system, not the engine, decides.
+    """
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return max(0, int(free - (1.0 - utilization) * total))
+
+
+def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
+    """Load the model (unless given), start the engine, build the page with its queue."""
+    loaded = loaded or load_model(settings)
+    engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
+                    memory_budget_bytes=cache_budget_bytes(settings.gpu_memory_utilization),
+                    seed=settings.seed).start()
+    demo = build_ui(engine, loaded, settings, GpuMemory())
+    # api_open=False: no REST route may reach the model around the queue and its limits.
+    demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=settings.concurrency)
+    return App(settings=settings, loaded=loaded, engine=engine, demo=demo)

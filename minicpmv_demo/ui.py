@@ -1,0 +1,232 @@
+"""The Gradio page and API. Handlers only submit to the engine and relay its stream.
+
+Reads top to bottom like the page: banner, chat, input, buttons, settings, examples; then the
+events. No handler touches the model, so no combination of clicks and clients can run it twice
+at once; every model-calling event still shares one concurrency group so Gradio shows a queue
+position beyond `--concurrency` instead of starting unbounded work.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+
+from .chat_input import InputError, InputRules, build_conversation
+from .engine import Engine, ReplyError, ReplyStats, SamplingParams
+from .gpu import GpuMemory, describe_gpus
+from .images import ImageLimits
+from .model import LoadedModel
+from .settings import Settings
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+CHAT_GROUP = "model"  # the one concurrency group of every event that reaches the engine
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.8
+
+TINY_BANNER = (
+    "⚠️ **This is the built-in tiny test model with random weights**: its answers are random words. "
+    "It runs anywhere, offline, to show and test the app. To chat for real, start on a CUDA GPU "
+    "(`make run` picks `openbmb/MiniCPM-V-4.6`) or choose a model: "
+    "`make run ARGS=\"--model openbmb/MiniCPM-V-4.6 --quant int4\"`."
+)
+EXAMPLES = [
+    ("What were the best and worst months in this chart?", "chart.png"),
+    ("What is the total on this receipt, and which item cost the most?", "receipt.png"),
+    ("Explain this diagram step by step.", "diagram.png"),
+    ("Describe this scene in two sentences.", "scene.png"),
+]
+
+
+class ChatService:
+    """The glue between Gradio values and the engine, kept free of layout code."""
+
+    def __init__(self, engine: Engine, settings: Settings, gpu: GpuMemory) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.gpu = gpu
+        self.rules = InputRules(
+            image_limits=ImageLimits(max_file_bytes=int(settings.max_file_mb * 1024 * 1024)),
+            max_images=settings.max_images,
+            allowed_roots=(_upload_root(), str(ASSETS)),
+        )
+
+    def params(self, max_new_tokens, temperature, top_p) -> SamplingParams:
+        """Clamp whatever a client sends to the server's limits."""
+        def number(value, default):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return default
+        return SamplingParams(
+            max_new_tokens=int(min(max(number(max_new_tokens, 512), 1), self.settings.max_new_tokens)),
+            temperature=min(max(number(temperature, 0.0), 0.0), 2.0),
+            top_p=min(max(number(top_p, 1.0), 0.01), 1.0),
+        )
+
+    def stream_reply(self, message, history, params: SamplingParams,
+                     system_prompt: str = "") -> Iterator[tuple[str, ReplyStats | None]]:
+        """Yield (text so far, stats when done). Closing the iterator cancels the request."""
+        try:
+            conversation, notices = build_conversation(message, history, system_prompt=system_prompt or "",
+                                                       rules=self.rules)
+        except InputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        for notice in notices:
+            gr.Warning(notice)
+        stream = self.engine.submit(conversation, params)
+        try:
+            for notice in stream.notices:
+                gr.Warning(notice)
+            for text in stream.updates(self.settings.stream_interval):
+                yield text, None
+            yield stream.text, stream.stats
+        except ReplyError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        finally:
+            stream.cancel()  # no-op when finished; frees the row after a stop or a closed tab
+
+    def stats_line(self, stats: ReplyStats) -> str:
+        """The small line under a reply: where it ran, memory, batch, speed."""
+        if stats.from_cache:
+            return "⚡ answered from the reply cache (same image and question as a recent greedy reply)"
+        parts = [describe_gpus(self.gpu.read())]
+        if stats.peak_memory_mb is not None:
+            shared = " (peak during this batch)" if stats.batch_size > 1 else ""
+            parts.append(f"peak {stats.peak_memory_mb:,.0f} MB{shared}")
+        parts.append(f"batch {stats.batch_size}")
+        parts.append(f"{stats.tokens} tokens · {stats.tokens_per_s:.1f} tok/s · {stats.seconds:.1f} s")
+        return " · ".join(parts)
+
+
+def _upload_root() -> str:
+    """Gradio's upload cache: the only place files in a request may come from."""
+    import os
+
+    return os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")
+
+
+def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMemory) -> gr.Blocks:
+    service = ChatService(engine, settings, gpu)
+
+    with gr.Blocks(title="MiniCPM-V chat", fill_height=True) as demo:
+        gr.Markdown(f"## MiniCPM-V chat\nServing **{loaded.description}** · "
+                    f"batching up to {engine.max_batch} users at once")
+        if loaded.is_tiny:
+            gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
+        chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy"])
+        chat_input = gr.MultimodalTextbox(
+            placeholder="Ask about an image: drop or upload one or more, then type a question…",
+            file_types=["image"], file_count="multiple", sources=["upload"], show_label=False,
+            elem_id="chat-input", max_plain_text_length=100_000)
+        with gr.Row():
+            stop_btn = gr.Button("⏹ Stop", elem_id="stop-btn", size="sm")
+            retry_btn = gr.Button("🔄 Retry", elem_id="retry-btn", size="sm")
+            undo_btn = gr.Button("↩️ Undo", elem_id="undo-btn", size="sm")
+            clear_btn = gr.Button("🗑️ Clear", elem_id="clear-btn", size="sm")
+        with gr.Accordion("Generation settings", open=False):
+            max_new_tokens = gr.Slider(1, settings.max_new_tokens, value=min(settings.default_new_tokens,
+                                                                             settings.max_new_tokens),
+                                       step=1, label="Max new tokens")
+            temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05,
+                                    label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p")
+            system_prompt = gr.Textbox(label="System prompt", lines=2,
+                                       placeholder="Optional: how the assistant should behave")
+        gr.Examples(
+            examples=[{"text": text, "files": [str(ASSETS / name)]} for text, name in EXAMPLES],
+            inputs=chat_input, label="Examples")
+
+        # Hidden components that give /chat its typed, keyword-friendly signature.
+        with gr.Group(visible=False):
+            api_message = gr.MultimodalTextbox(file_count="multiple", file_types=["image"])
+            api_history = gr.JSON()
+            api_max_new_tokens = gr.Number(precision=0)
+            api_temperature = gr.Number()
+            api_top_p = gr.Number()
+            api_reply = gr.Textbox()
+            api_trigger = gr.Button()
+
+        settings_inputs = [max_new_tokens, temperature, top_p, system_prompt]
+        model_event = {"concurrency_id": CHAT_GROUP, "concurrency_limit": settings.concurrency}
+
+        def respond(message, history, max_new, temp, p, system):
+            """Show the user's message, then stream the reply into the chat."""
+            history = list(history or [])
+            shown = history + _user_messages(message)
+            yield shown, None
+            for text, stats in service.stream_reply(message, history, service.params(max_new, temp, p), system):
+                reply = [{"role": "assistant", "content": text}]
+                if stats is not None:
+                    reply.append({"role": "assistant", "content": "",
+                                  "metadata": {"title": service.stats_line(stats), "status": "done"}})
+                yield shown + reply, gr.skip()
+
+        def retry(history, max_new, temp, p, system):
+            earlier, message = _split_last_user_turn(history)
+            if message is None:
+                raise gr.Error("Nothing to retry yet.", print_exception=False)
+            yield from respond(message, earlier, max_new, temp, p, system)
+
+        def chat_api(message, history, max_new_tokens, temperature, top_p):
+            """Answer `message` ({"text", "files"}) after `history`; streams the partial reply."""
+            params = service.params(max_new_tokens, temperature, top_p)
+            for text, _ in service.stream_reply(message, history or [], params):
+                yield text
+
+        submit_event = chat_input.submit(respond, [chat_input, chatbot, *settings_inputs], [chatbot, chat_input],
+                                         api_visibility="private", **model_event)
+        retry_event = retry_btn.click(retry, [chatbot, *settings_inputs], [chatbot, chat_input],
+                                      api_visibility="private", **model_event)
+        api_trigger.click(chat_api, [api_message, api_history, api_max_new_tokens, api_temperature, api_top_p],
+                          api_reply, api_name="chat", **model_event)
+        stop_btn.click(None, None, None, cancels=[submit_event, retry_event], queue=False,
+                       api_visibility="private")
+        undo_btn.click(_undo, chatbot, [chatbot, chat_input], cancels=[submit_event, retry_event],
+                       queue=False, api_visibility="private")
+        clear_btn.click(lambda: ([], None), None, [chatbot, chat_input], cancels=[submit_event, retry_event],
+                        queue=False, api_visibility="private")
+    return demo
+
+
+def _user_messages(message) -> list[dict]:
+    """How a sent message appears in the chat: one bubble per image, then the text."""
+    message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
+    shown = [{"role": "user", "content": {"path": _path(f)}} for f in message.get("files") or []]
+    if (message.get("text") or "").strip():
+        shown.append({"role": "user", "content": message["text"]})
+    return shown
+
+
+def _path(file) -> str:
+    return file if isinstance(file, str) else (file.get("path") or "")
+
+
+def _split_last_user_turn(history) -> tuple[list[dict], dict | None]:
+    """Split the chat into (everything before the last question, that question as a message)."""
+    history = list(history or [])
+    end = len(history)
+    while end and history[end - 1]["role"] != "user":
+        end -= 1
+    start = end
+    while start and history[start - 1]["role"] == "user":
+        start -= 1
+    if start == end:
+        return history, None
+    text, files = [], []
+    for entry in history[start:end]:
+        for part in entry["content"] if isinstance(entry["content"], list) else [entry["content"]]:
+            if isinstance(part, str):
+                text.append(part)
+            elif part.get("type") == "text":
+                text.append(part.get("text", ""))
+            else:
+                files.append(_path(part.get("file", part)))
+    return history[:start], {"text": "\n".join(text), "files": files}
+
+
+def _undo(history):
+    earlier, message = _split_last_user_turn(history)
+    return earlier, message

@@ -1,0 +1,124 @@
+"""A real launched app answering through gradio_client: /chat, images, history, concurrency, queue."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from minicpmv_demo.server import build_app
+from minicpmv_demo.settings import Settings
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def launch(settings: Settings, loaded):
+    app = build_app(settings, loaded)
+    _, url, _ = app.launch(prevent_thread_lock=True, server_port=None, quiet=True)
+    return app, url
+
+
+@pytest.fixture(scope="module")
+def served(tiny_settings, loaded_tiny):
+    from dataclasses import replace
+
+    app, url = launch(replace(tiny_settings, max_batch=8, cache_size=0, stream_interval=0.01), loaded_tiny)
+    client = Client(url, verbose=False)
+    yield app, client
+    client.close()
+    app.close()
+
+
+def chat(client: Client, text: str, *images: str, history=None, max_new_tokens=16, temperature=0.0):
+    return client.predict(message={"text": text, "files": [handle_file(str(ASSETS / i)) for i in images]},
+                          history=history or [], max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=1.0, api_name="/chat")
+
+
+def test_chat_answers_an_image_question_and_streams(served):
+    app, client = served
+    job = client.submit(message={"text": "What is in the image?", "files": [handle_file(str(ASSETS / "scene.png"))]},
+                        history=[], max_new_tokens=40, temperature=0.0, top_p=1.0, api_name="/chat")
+    final = job.result(timeout=60)
+    partials = job.outputs()
+    assert len(final.split()) >= 10
+    assert len(partials) >= 2, "the reply should arrive in several pieces"
+    assert all(final.startswith(p) for p in partials)
+
+
+def test_same_question_same_greedy_answer_and_images_matter(served):
+    _, client = served
+    first = chat(client, "Describe it.", "chart.png")
+    assert chat(client, "Describe it.", "chart.png") == first
+    assert chat(client, "Describe it.", "receipt.png") != first
+
+
+def test_multi_turn_history_changes_the_answer(served):
+    _, client = served
+    first = chat(client, "What is this?", "scene.png")
+    history = [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": first}]
+    alone = chat(client, "And the colors?", "scene.png")
+    followed = chat(client, "And the colors?", "scene.png", history=history)
+    assert followed and alone and followed != alone
+    assert chat(client, "And the colors?", "scene.png", history=history) == followed
+
+
+def test_sixteen_concurrent_users_get_their_own_answers(served):
+    _, client = served
+    names = ["scene.png", "chart.png", "receipt.png", "diagram.png"]
+    expected = {name: chat(client, f"What is in {name}?", name) for name in names}
+    results, errors = {}, []
+
+    def user(i):
+        name = names[i % 4]
+        try:
+            results[i] = (name, chat(client, f"What is in {name}?", name))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert len(results) == 16
+    for name, reply in results.values():
+        assert reply == expected[name]
+
+
+def test_bad_input_gets_a_clear_message_and_the_next_request_works(served, tmp_path):
+    _, client = served
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not a picture")
+    with pytest.raises(Exception, match="(?i)image"):
+        client.predict(message={"text": "What?", "files": [handle_file(str(fake))]}, history=[],
+                       max_new_tokens=8, temperature=0.0, top_p=1.0, api_name="/chat")
+    with pytest.raises(Exception, match="type a question or attach an image"):
+        chat(client, "   ")
+    assert chat(client, "Still there?", "scene.png")
+
+
+def test_queue_full_gives_busy_and_nothing_breaks(tiny_settings, loaded_tiny):
+    from dataclasses import replace
+
+    app, url = launch(replace(tiny_settings, max_batch=1, concurrency=1, queue_size=1, cache_size=0),
+                      loaded_tiny)
+    client = Client(url, verbose=False)
+    try:
+        jobs = [client.submit(message={"text": f"q{i}", "files": []}, history=[], max_new_tokens=300,
+                              temperature=0.0, top_p=1.0, api_name="/chat") for i in range(6)]
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(bool(job.result(timeout=120)))
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(type(exc).__name__)
+        assert True in outcomes, outcomes
+        assert any(o not in (True,) for o in outcomes), "a queue of 1 must turn some requests away"
+        assert chat(client, "after the rush")  # still serving
+    finally:
+        client.close()
+        app.close()

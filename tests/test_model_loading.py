@@ -1,0 +1,160 @@
+"""Model loading: the tiny model in full precision and int4, the remote-code adapter, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ask
+from minicpmv_demo.engine import SamplingParams
+from minicpmv_demo.model import ModelLoadError, load_model
+from minicpmv_demo.model.tiny import ensure_tiny_model
+from minicpmv_demo.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tiny_model_is_the_real_architecture_and_deterministic(loaded_tiny, tmp_path):
+    model = loaded_tiny.runner.model
+    assert type(model).__name__ == "MiniCPMV4_6ForConditionalGeneration"
+    assert type(loaded_tiny.runner.processor).__name__ == "MiniCPMV4_6Processor"
+    batch, _ = loaded_tiny.runner.prefill(loaded_tiny.runner.encode(ask("Hi", "scene.png")), [])
+    kinds = {type(layer).__name__ for layer in batch.cache.layers}
+    assert kinds == {"LinearAttentionLayer", "DynamicLayer"}, "both cache kinds must be exercised"
+    other = ensure_tiny_model(tmp_path)
+    first = (Path(loaded_tiny.runner.model.name_or_path) / "model.safetensors").read_bytes()
+    assert (other / "model.safetensors").read_bytes() == first, "same seed, same weights everywhere"
+
+
+def test_tiny_model_answers_with_readable_words(make_engine):
+    reply = make_engine(max_batch=1).submit(ask("What is in the image?", "scene.png"),
+                                            SamplingParams(max_new_tokens=12)).result(timeout=60)
+    words = reply.split()
+    assert len(words) >= 6 and all(w.isascii() for w in words)
+
+
+def test_tiny_model_in_int4_loads_and_answers(tiny_dir, make_engine):
+    loaded = load_model(Settings(model="tiny", tiny_model_dir=tiny_dir, quant="int4"))
+    quantized = [m for m in loaded.runner.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) > 20
+    weight = quantized[0].weight
+    assert weight.quant_state.quant_type == "nf4" and weight.quant_state.nested  # double quant
+    assert loaded.quantization.startswith("int4")
+    engine = make_engine(loaded.runner, max_batch=4)
+    streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=8)) for q in ("a", "b", "c")]
+    assert all(s.result(timeout=120) for s in streams)
+
+
+def _write_remote_code_model(folder: Path, tiny: Path) -> None:
+    """A small custom-code model folder following the MiniCPM-V 2.5/2.6 `chat()` contract."""
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny / name).read_bytes())
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "minicpmv", "version": 2.6, "architectures": ["FakeMiniCPMV"],
+        "auto_map": {"AutoConfig": "modeling_fake.FakeConfig", "AutoModel": "modeling_fake.FakeMiniCPMV"},
+    }))
+    (folder / "modeling_fake.py").write_text(textwrap.dedent('''
+        import torch
+        from transformers import PretrainedConfig, PreTrainedModel
+
+        class FakeConfig(PretrainedConfig):
+            model_type = "minicpmv"
+
+        class FakeMiniCPMV(PreTrainedModel):
+            config_class = FakeConfig
+
+            def __init__(self, config):
+                super().__init__(config)
+                self.proj = torch.nn.Linear(2, 2)
+                self.post_init()
+
+            def chat(self, image, msgs, tokenizer, sampling=True, stream=False, max_new_tokens=2048,
+                     **kwargs):
+                assert stream and sampling, "stream=True requires sampling=True"
+                question = msgs[-1]["content"]
+                images = [p for p in question if not isinstance(p, str)]
+                text = [p for p in question if isinstance(p, str)][0]
+                words = ["seen", str(len(images)), "images", "for"] + text.split()
+                words += ["greedy" if not kwargs.get("do_sample", True) else "sampled"]
+                def pieces():
+                    for word in words[:max_new_tokens]:
+                        yield word + " "
+                return pieces()
+    '''))
+    from safetensors.torch import save_file
+
+    save_file({"proj.weight": torch.zeros(2, 2), "proj.bias": torch.zeros(2)}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def test_remote_code_model_needs_the_flag_then_runs_through_the_engine(tmp_path, tiny_dir, make_engine):
+    folder = tmp_path / "legacy"
+    _write_remote_code_model(folder, ensure_tiny_model(tiny_dir))
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        load_model(Settings(model=str(folder)))
+    (folder / "model.safetensors").rename(tmp_path / "weights")
+    with pytest.raises(ModelLoadError, match="no file named model.safetensors"):
+        load_model(Settings(model=str(folder), trust_remote_code=True))
+    (tmp_path / "weights").rename(folder / "model.safetensors")
+    loaded = load_model(Settings(model=str(folder), trust_remote_code=True))
+    assert loaded.runner.supports_batching is False
+    engine = make_engine(loaded.runner, max_batch=8)
+    assert engine.max_batch == 1
+    streams = [engine.submit(ask(f"question {i}", "chart.png", "scene.png"), SamplingParams(max_new_tokens=50))
+               for i in range(3)]
+    assert [s.result(timeout=30).split() for s in streams] == [
+        ["seen", "2", "images", "for", "question", str(i), "greedy"] for i in range(3)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--model", "someone/not-a-model-xyz"], "Could not find someone/not-a-model-xyz"),
+    (["--device-map", "cuda"], "CUDA is not available"),
+])
+def test_load_errors_are_one_clear_line(argv, message, tiny_dir):
+    """Through the real command line: exit code 2, one line on stderr, no traceback."""
+    if argv[0] == "--device-map":
+        argv = ["--model", "tiny", "--tiny-model-dir", tiny_dir, *argv]
+    result = subprocess.run([sys.executable, "app.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 or result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_not_a_model_folder_and_a_foreign_model(tmp_path, tiny_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="not a model folder"):
+        load_model(Settings(model=str(empty)))
+    other = tmp_path / "gpt2ish"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="not MiniCPM-V"):
+        load_model(Settings(model=str(other)))
+
+
+def test_int4_without_bitsandbytes_says_what_to_install(tiny_dir, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install bitsandbytes"):
+        load_model(Settings(model="tiny", tiny_model_dir=tiny_dir, quant="int4"))
+
+
+def test_auto_on_cpu_is_the_tiny_model():
+    from minicpmv_demo.model.loading import resolve_model_id
+
+    assert resolve_model_id(Settings(), cuda=False) == "tiny"
+    assert resolve_model_id(Settings(), cuda=True) == "openbmb/MiniCPM-V-4.6"
+    assert torch.cuda.is_available() is False
