@@ -68,6 +68,9 @@ def cache_budget_bytes(utilization: float) -> int | None:
 def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
     """Load the model (unless given), start the engine, build the page with its queue."""
     loaded = loaded or load_model(settings)
+    threads = settings.torch_threads or (1 if loaded.is_tiny else 0)
+    if threads:
+        torch.set_num_threads(threads)
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
                     memory_budget_bytes=cache_budget_bytes(settings.gpu_memory_utilization),
                     seed=settings.seed).start()

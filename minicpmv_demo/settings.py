@@ -59,6 +59,9 @@ class Settings:
     share: bool = field(default=False, metadata={"help": "create a public gradio.live link"})
     auth: str = field(default="", metadata={"help": "user:password required for the UI and the API"})
     seed: int = field(default=0, metadata={"help": "seed for sampling (temperature > 0)"})
+    torch_threads: int = field(
+        default=0, metadata={"help": "CPU threads for torch; 0 = auto (1 for the tiny model, whose "
+                                     "ops are too small to split; torch's default otherwise)"})
 
     @property
     def auth_pair(self) -> tuple[str, str] | None:
@@ -141,6 +144,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
                  "max_images"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
+    if settings.torch_threads < 0:
+        problems.append("--torch-threads must be 0 (auto) or more")
     if settings.cache_size < 0:
         problems.append("--cache-size must be 0 or more")
     if not 0.05 <= settings.gpu_memory_utilization <= 1.0:

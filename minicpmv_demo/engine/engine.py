@@ -1,7 +1,7 @@
 """The engine: one thread owns the model; every request is a row in its running batch.
 
 Gradio handlers call `submit()` and read the returned `ReplyStream`; they never touch the model.
-The engine thread loops: admit waiting requests (prefill each alone, merge it into the batch),
+The engine thread loops: admit waiting requests (prefill them together, merge them into the batch),
 run one decode step for all rows, hand each row its token, and let finished or cancelled rows
 leave. A request that arrives mid-generation therefore starts at the next step instead of
 waiting for the others' long answers, and no two threads are ever inside the model (which
@@ -32,6 +32,8 @@ from .sampling import sample_next_tokens
 
 log = logging.getLogger(__name__)
 
+# Most (padded) prompt tokens prefilled in one call: bounds the activation memory of a burst.
+PREFILL_TOKEN_BUDGET = 16384
 # After this many decode steps without running out of memory, the batch ceiling grows by one
 # again, so one oversized burst does not slow the demo down for good.
 STEPS_TO_RECOVER_CEILING = 64
@@ -192,27 +194,45 @@ class Engine:
             return None
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free batch slots, as long as their memory fits."""
-        while len(self._rows) < self.ceiling:
+        """Prefill the requests that are waiting, together, into the free batch slots."""
+        newcomers = self._take_newcomers()
+        if not newcomers:
+            return
+        try:
+            self._join(newcomers)
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
+            self._on_prefill_error(newcomers, exc)
+
+    def _take_newcomers(self) -> list[_Row]:
+        """Waiting rows for the free slots, while their memory and the prefill budget allow."""
+        newcomers: list[_Row] = []
+        padded = 0
+        while len(self._rows) + len(newcomers) < self.ceiling:
             row = self._next_waiting()
             if row is None:
-                return
+                break
             row.reserved_bytes = self._reservation(row)
-            if self._rows and not self._fits(row.reserved_bytes):
+            width = max(padded // max(len(newcomers), 1), row.prompt.length + len(row.generated))
+            crowded = self._rows or newcomers
+            if crowded and (not self._fits(row.reserved_bytes, newcomers)
+                            or width * (len(newcomers) + 1) > PREFILL_TOKEN_BUDGET):
                 self._requeue_front([row])
-                return
-            if not row.started_at:
-                row.started_at = time.perf_counter()
-            try:
-                newcomer, logits = self.runner.prefill(row.prompt, row.generated)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-                self._on_prefill_error(row, exc)
-                return
-            self._batch = self.runner.merge(self._batch, newcomer)
-            self._rows.append(row)
-            self._accept(row, int(self._sample(logits, [row])[0]))
-            self._mark_batch_size()
-            self._release_finished()
+                break
+            padded = width * (len(newcomers) + 1)
+            newcomers.append(row)
+        return newcomers
+
+    def _join(self, newcomers: list[_Row]) -> None:
+        now = time.perf_counter()
+        for row in newcomers:
+            row.started_at = row.started_at or now
+        batch, logits = self.runner.prefill([r.prompt for r in newcomers], [r.generated for r in newcomers])
+        self._batch = self.runner.merge(self._batch, batch)
+        self._rows.extend(newcomers)
+        for row, token in zip(newcomers, self._sample(logits, newcomers).tolist(), strict=True):
+            self._accept(row, token)
+        self._mark_batch_size()
+        self._release_finished()
 
     def _step(self) -> None:
         tokens = torch.tensor([row.generated[-1] for row in self._rows])
@@ -324,27 +344,36 @@ class Engine:
             return 0
         return estimate(row.prompt.length + row.params.max_new_tokens)
 
-    def _fits(self, extra_bytes: int) -> bool:
+    def _fits(self, extra_bytes: int, newcomers: list[_Row]) -> bool:
         if self.memory_budget_bytes is None:
             return True
-        used = sum(row.reserved_bytes for row in self._rows)
+        used = sum(row.reserved_bytes for row in (*self._rows, *newcomers))
         return used + extra_bytes <= self.memory_budget_bytes
 
     def _requeue_front(self, rows: list[_Row]) -> None:
         with self._lock:
             self._waiting.extendleft(reversed(rows))
 
-    def _on_prefill_error(self, row: _Row, exc: Exception) -> None:
+    def _on_prefill_error(self, newcomers: list[_Row], exc: Exception) -> None:
         _free_memory()
-        if _is_out_of_memory(exc) and self._rows:
-            # Others hold the memory: wait for them to finish, and admit fewer meanwhile.
-            self.ceiling = max(1, len(self._rows))
+        if _is_out_of_memory(exc) and (self._rows or len(newcomers) > 1):
+            # Too much at once: admit fewer (and wait for running rows to finish first).
+            self.ceiling = max(1, len(self._rows) + len(newcomers) // 2)
             self._steps_since_oom = 0
-            self._requeue_front([row])
-            log.warning("out of memory admitting a request; batch ceiling now %d", self.ceiling)
+            self._requeue_front(newcomers)
+            log.warning("out of memory admitting %d request(s); batch ceiling now %d", len(newcomers),
+                        self.ceiling)
+            return
+        if len(newcomers) > 1:
+            # Find the request that broke the prefill: each alone, the others still get served.
+            for row in newcomers:
+                try:
+                    self._join([row])
+                except Exception as solo_exc:  # noqa: BLE001
+                    self._on_prefill_error([row], solo_exc)
             return
         log.warning("request failed in prefill: %r", exc)
-        self._fail(row, _user_message(exc))
+        self._fail(newcomers[0], _user_message(exc))
 
     def _on_step_out_of_memory(self) -> None:
         """Halve the batch ceiling and re-admit every row from its text so far.
@@ -362,7 +391,7 @@ class Engine:
         self.ceiling = max(1, len(rows) // 2)
         self._steps_since_oom = 0
         self._requeue_front(rows)
-        log.warning("out of memory in a batch of %d: re-admitting them, at most %d at a time",
+        log.warning("out of memory in a batch of %d: re-admitting them; batch ceiling now %d",
                     len(rows), self.ceiling)
 
 

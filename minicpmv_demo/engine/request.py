@@ -112,7 +112,7 @@ class ReplyStream:
 
     def updates(self, interval: float = 0.0) -> Iterator[str]:
         """Yield the accumulated text each time it grew; raise ReplyError if the engine failed it."""
-        sent = None
+        sent = ""
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._text != sent or self.done)

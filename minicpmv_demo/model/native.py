@@ -1,24 +1,32 @@
 """The only code that runs a native transformers MiniCPM-V 4.x model, one decode step at a time.
 
 The engine decides *which* requests run together; this runner executes that decision:
-encode a conversation, prefill one newcomer alone, merge its cache into the running batch, run
-one decode step for every row, and drop rows that left. MiniCPM-V 4.6's text model mixes
+encode a conversation, prefill newcomers, merge their cache into the running batch, run one
+decode step for every row, and drop rows that left. MiniCPM-V 4.6's text model mixes
 full-attention layers (a key/value cache that grows along time) with linear-attention layers (a
 fixed-size state per row), so merging and dropping handle both kinds.
 
-Why prefill alone: the vision tower reads images NaViT-packed for one sample at a time, and a
-batch-of-one prefill needs no padding. Rows of different lengths are then left-padded in the
-shared cache; each row gets its own position ids and attention mask so padding never leaks in.
+The vision tower reads images NaViT-packed for one sample at a time, so it runs per prompt (and
+its output is cached per set of images); the text model then prefills all newcomers at once.
+Rows of different lengths are left-padded; each row gets its own position ids and attention mask
+so padding never leaks in.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..conversation import Conversation
+
+
+# Vision-tower outputs remembered per set of images: follow-up questions about the same
+# pictures (and visitors clicking the same example) skip the vision tower.
+VISION_CACHE_SIZE = 16
 
 
 @dataclass
@@ -26,6 +34,7 @@ class Prompt:
     """One conversation, encoded: the processor's tensors for a batch of one (kept on the CPU)."""
 
     inputs: dict[str, torch.Tensor]
+    images_key: str = ""  # the images' content digests, in order; "" without images
 
     @property
     def length(self) -> int:
@@ -61,6 +70,7 @@ class NativeRunner:
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.stop_token_ids = frozenset(i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 32768))
+        self._vision_cache: OrderedDict[str, object] = OrderedDict()  # engine thread only
 
     # -- encoding (caller threads) ---------------------------------------------------------
     def encode(self, conversation: Conversation) -> Prompt:
@@ -70,7 +80,7 @@ class NativeRunner:
         images = [image.image for image in conversation.images()]
         with self._encode_lock:
             inputs = self.processor(images=[images] if images else None, text=[text], return_tensors="pt")
-        return Prompt(inputs=dict(inputs))
+        return Prompt(inputs=dict(inputs), images_key="|".join(i.digest for i in conversation.images()))
 
     def count_tokens(self, text: str) -> int:
         with self._encode_lock:
@@ -78,22 +88,46 @@ class NativeRunner:
 
     # -- model work (engine thread only) ---------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompt: Prompt, generated: list[int]) -> tuple[Batch, torch.Tensor]:
-        """Run one prompt alone; return its batch-of-one state and the next-token logits [1, V].
+    def prefill(self, prompts: list[Prompt], generated: list[list[int]]) -> tuple[Batch, torch.Tensor]:
+        """Prefill newcomers together; return their batch state and next-token logits [B, V].
 
-        `generated` continues a row that was preempted (out of memory) without losing its text.
+        Rows are left-padded to the longest; each row's positions count only its own tokens, so
+        a padded row computes what it would alone. Images go through the vision tower one
+        prompt at a time (it packs one sample's images) and their features are scattered into
+        the batch in row order. `generated` continues rows that were preempted (out of memory).
         """
-        inputs = {k: v.to(self.device) for k, v in prompt.inputs.items()}
-        if generated:
-            extra = torch.tensor([generated], dtype=inputs["input_ids"].dtype, device=self.device)
-            inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
-            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        out = self.model.model(**inputs, use_cache=True)
+        rows = [self._row_ids(prompt, done) for prompt, done in zip(prompts, generated, strict=True)]
+        width = max(len(ids) for ids in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        features = [self._image_features(p) for p in prompts if "pixel_values" in p.inputs]
+        extra = {}
+        if features:
+            pooled = [part for feature in features for part in feature.pooler_output]
+            extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+        out = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                               **extra)
         logits = self.model.lm_head(out.last_hidden_state[:, -1, :]).float()
-        return Batch(cache=out.cache, mask=inputs["attention_mask"]), logits
+        return Batch(cache=out.cache, mask=mask), logits
 
+    @staticmethod
+    def _row_ids(prompt: Prompt, generated: list[int]) -> list[int]:
+        return prompt.inputs["input_ids"][0].tolist() + generated
+
+    def _image_features(self, prompt: Prompt):
+        key = prompt.images_key
+        features = self._vision_cache.get(key)
+        if features is None:
+            pixels = prompt.inputs["pixel_values"][:1].to(self.device, self.model.dtype)
+            sizes = prompt.inputs["target_sizes"].to(self.device)
+            features = self.model.model.get_image_features(pixels, sizes)
+            self._vision_cache[key] = features
+            if len(self._vision_cache) > VISION_CACHE_SIZE:
+                self._vision_cache.popitem(last=False)
+        self._vision_cache.move_to_end(key)
+        return features
     @torch.inference_mode()
     def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits [B, V]. Updates `batch`."""
