@@ -14,6 +14,7 @@ import torch
 from .engine import Engine
 from .gpu import GpuMemory
 from .model import LoadedModel, load_model
+from .monitor import ServerMonitor
 from .settings import Settings
 from .ui import build_ui
 
@@ -29,6 +30,7 @@ class App:
     loaded: LoadedModel
     engine: Engine
     demo: gr.Blocks
+    monitor: ServerMonitor
 
     def launch(self, **overrides):
         """Start serving; returns what `Blocks.launch` returns (app, local url, share url)."""
@@ -50,6 +52,7 @@ class App:
 
     def close(self) -> None:
         self.demo.close()
+        self.monitor.stop()
         self.engine.shutdown()
 
 
@@ -74,7 +77,9 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
                     memory_budget_bytes=cache_budget_bytes(settings.gpu_memory_utilization),
                     seed=settings.seed).start()
-    demo = build_ui(engine, loaded, settings, GpuMemory())
+    gpu = GpuMemory()
+    monitor = ServerMonitor(engine, gpu, interval_s=settings.panel_interval).start()
+    demo = build_ui(engine, loaded, settings, gpu, monitor)
     # api_open=False: no REST route may reach the model around the queue and its limits.
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=settings.concurrency)
-    return App(settings=settings, loaded=loaded, engine=engine, demo=demo)
+    return App(settings=settings, loaded=loaded, engine=engine, demo=demo, monitor=monitor)

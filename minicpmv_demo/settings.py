@@ -54,6 +54,8 @@ class Settings:
     stream_interval: float = field(
         default=0.03, metadata={"help": "seconds between streamed UI updates (coalesces tokens)"})
 
+    panel_interval: float = field(default=2.0, metadata={"help": "seconds between server panel refreshes"})
+
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 for all)"})
     port: int = field(default=7860, metadata={"help": "port to listen on"})
     share: bool = field(default=False, metadata={"help": "create a public gradio.live link"})
@@ -150,6 +152,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--cache-size must be 0 or more")
     if not 0.05 <= settings.gpu_memory_utilization <= 1.0:
         problems.append("--gpu-memory-utilization must be between 0.05 and 1")
+    if settings.panel_interval <= 0:
+        problems.append("--panel-interval must be positive")
     if settings.max_file_mb <= 0:
         problems.append("--max-file-mb must be positive")
     try:

@@ -8,17 +8,20 @@ position beyond `--concurrency` instead of starting unbounded work.
 
 from __future__ import annotations
 
+import html
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 from .chat_input import InputError, InputRules, build_conversation
 from .engine import Engine, ReplyError, ReplyStats, SamplingParams
-from .gpu import GpuMemory, describe_gpus
+from .gpu import GpuMemory, describe_gpus, process_rss_mb
 from .images import ImageLimits
 from .model import LoadedModel
+from .monitor import ServerMonitor
 from .settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -108,7 +111,8 @@ def _upload_root() -> str:
     return os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")
 
 
-def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMemory) -> gr.Blocks:
+def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMemory,
+             monitor: ServerMonitor) -> gr.Blocks:
     service = ChatService(engine, settings, gpu)
 
     with gr.Blocks(title="MiniCPM-V chat", fill_height=True) as demo:
@@ -116,28 +120,31 @@ def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMe
                     f"batching up to {engine.max_batch} users at once")
         if loaded.is_tiny:
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
-        chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy"])
-        chat_input = gr.MultimodalTextbox(
-            placeholder="Ask about an image: drop or upload one or more, then type a question…",
-            file_types=["image"], file_count="multiple", sources=["upload"], show_label=False,
-            elem_id="chat-input", max_plain_text_length=100_000)
-        with gr.Row():
-            stop_btn = gr.Button("⏹ Stop", elem_id="stop-btn", size="sm")
-            retry_btn = gr.Button("🔄 Retry", elem_id="retry-btn", size="sm")
-            undo_btn = gr.Button("↩️ Undo", elem_id="undo-btn", size="sm")
-            clear_btn = gr.Button("🗑️ Clear", elem_id="clear-btn", size="sm")
-        with gr.Accordion("Generation settings", open=False):
-            max_new_tokens = gr.Slider(1, settings.max_new_tokens, value=min(settings.default_new_tokens,
-                                                                             settings.max_new_tokens),
-                                       step=1, label="Max new tokens")
-            temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05,
-                                    label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p")
-            system_prompt = gr.Textbox(label="System prompt", lines=2,
-                                       placeholder="Optional: how the assistant should behave")
-        gr.Examples(
-            examples=[{"text": text, "files": [str(ASSETS / name)]} for text, name in EXAMPLES],
-            inputs=chat_input, label="Examples")
+        with gr.Tabs():
+            with gr.Tab("Chat"):
+                with gr.Row():
+                    with gr.Column(scale=4):
+                        chat = _chat_column(settings)
+                    with gr.Column(scale=1, min_width=220):
+                        server_panel = gr.HTML(_panel_html(gpu, engine), elem_id="server-panel")
+            with gr.Tab("Server"):
+                gr.Markdown("The last minutes of this server, sampled every few seconds.")
+                memory_plot = gr.LinePlot(x="time", y="MB", title="GPU memory used (process memory without a GPU)",
+                                          height=220)
+                speed_plot = gr.LinePlot(x="time", y="tokens/s", title="Tokens per second", height=220)
+                load_plot = gr.LinePlot(x="time", y="requests", color="what", title="Queue depth and batch size",
+                                        height=220)
+        chatbot, chat_input, stop_btn, retry_btn, undo_btn, clear_btn = chat["chat"]
+        max_new_tokens, temperature, top_p, system_prompt = chat["settings"]
+        timer = gr.Timer(settings.panel_interval)
+        timer.tick(lambda: _panel_html(gpu, engine), None, server_panel, queue=False, api_visibility="private")
+        timer.tick(lambda: _plots(monitor), None, [memory_plot, speed_plot, load_plot], queue=False,
+                   api_visibility="private")
+        def gpu_memory() -> dict:
+            """GPU and process memory and the engine's queue and batch, as JSON."""
+            return _gpu_memory(gpu, engine)
+
+        gr.api(gpu_memory, api_name="gpu_memory", queue=False)
 
         # Hidden components that give /chat its typed, keyword-friendly signature.
         with gr.Group(visible=False):
@@ -176,8 +183,9 @@ def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMe
             for text, _ in service.stream_reply(message, history or [], params):
                 yield text
 
+        # Undocumented but callable: the tests drive the page's own handler through it.
         submit_event = chat_input.submit(respond, [chat_input, chatbot, *settings_inputs], [chatbot, chat_input],
-                                         api_visibility="private", **model_event)
+                                         api_name="respond", api_visibility="undocumented", **model_event)
         retry_event = retry_btn.click(retry, [chatbot, *settings_inputs], [chatbot, chat_input],
                                       api_visibility="private", **model_event)
         api_trigger.click(chat_api, [api_message, api_history, api_max_new_tokens, api_temperature, api_top_p],
@@ -189,6 +197,76 @@ def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMe
         clear_btn.click(lambda: ([], None), None, [chatbot, chat_input], cancels=[submit_event, retry_event],
                         queue=False, api_visibility="private")
     return demo
+
+
+def _chat_column(settings: Settings) -> dict:
+    """The chat, its input, its buttons, the generation settings and the examples."""
+    chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy"])
+    chat_input = gr.MultimodalTextbox(
+        placeholder="Ask about an image: drop or upload one or more, then type a question…",
+        file_types=["image"], file_count="multiple", sources=["upload"], show_label=False,
+        elem_id="chat-input", max_plain_text_length=100_000)
+    with gr.Row():
+        stop_btn = gr.Button("⏹ Stop", elem_id="stop-btn", size="sm")
+        retry_btn = gr.Button("🔄 Retry", elem_id="retry-btn", size="sm")
+        undo_btn = gr.Button("↩️ Undo", elem_id="undo-btn", size="sm")
+        clear_btn = gr.Button("🗑️ Clear", elem_id="clear-btn", size="sm")
+    with gr.Accordion("Generation settings", open=False):
+        max_new_tokens = gr.Slider(1, settings.max_new_tokens, step=1, label="Max new tokens",
+                                   value=min(settings.default_new_tokens, settings.max_new_tokens))
+        temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
+        top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p")
+        system_prompt = gr.Textbox(label="System prompt", lines=2,
+                                   placeholder="Optional: how the assistant should behave")
+    gr.Examples(examples=[{"text": text, "files": [str(ASSETS / name)]} for text, name in EXAMPLES],
+                inputs=chat_input, label="Examples")
+    return {"chat": (chatbot, chat_input, stop_btn, retry_btn, undo_btn, clear_btn),
+            "settings": (max_new_tokens, temperature, top_p, system_prompt)}
+
+
+def _panel_html(gpu: GpuMemory, engine: Engine) -> str:
+    """The live side panel: one bar per GPU, then the engine's state."""
+    reading = gpu.read()
+    parts = ["<div class='server-panel'><b>Server</b>"]
+    for g in reading.gpus:
+        share = 100 * g.memory_used_mb / g.memory_total_mb if g.memory_total_mb else 0
+        temperature = f" · {g.temperature_c:.0f} °C" if g.temperature_c is not None else ""
+        parts.append(
+            f"<div>GPU {g.index}: {html.escape(g.name)}</div>"
+            f"<div style='background:#e5e7eb;border-radius:4px;height:10px'><div style='width:{share:.0f}%;"
+            f"background:#6366f1;height:10px;border-radius:4px'></div></div>"
+            f"<div><small>{g.memory_used_mb:,.0f} / {g.memory_total_mb:,.0f} MB · "
+            f"{g.utilization_pct:.0f}% busy{temperature}</small></div>")
+    if not reading.gpus:
+        text = f"GPU memory unavailable: {reading.error}" if reading.error else "No GPU: running on CPU"
+        parts.append(f"<div>{html.escape(text)}</div><div><small>process memory "
+                     f"{process_rss_mb():,.0f} MB</small></div>")
+    state = engine.state()
+    health = "running" if state["alive"] else "<b>stopped</b>"
+    parts.append(f"<div style='margin-top:6px'><small>engine {health} · queue {state['queue_depth']} · "
+                 f"batch {state['batch_size']}/{state['batch_ceiling']} · "
+                 f"{state['tokens_per_s']:.0f} tok/s</small></div></div>")
+    return "".join(parts)
+
+
+def _plots(monitor: ServerMonitor):
+    samples = list(monitor.samples)
+    times = [pd.Timestamp(s.time, unit="s") for s in samples]
+    memory = pd.DataFrame({"time": times, "MB": [s.gpu_used_mb for s in samples]})
+    speed = pd.DataFrame({"time": times, "tokens/s": [s.tokens_per_s for s in samples]})
+    load = pd.DataFrame({"time": times * 2,
+                         "requests": [s.queue_depth for s in samples] + [s.batch_size for s in samples],
+                         "what": ["queue depth"] * len(samples) + ["batch size"] * len(samples)})
+    return memory, speed, load
+
+
+def _gpu_memory(gpu: GpuMemory, engine: Engine) -> dict:
+    """What /gpu_memory returns: GPUs, torch counters, process memory, engine queue and batch."""
+    snapshot = gpu.snapshot()
+    state = engine.state()
+    snapshot["engine"] = {key: state[key] for key in ("queue_depth", "batch_size", "batch_ceiling",
+                                                       "tokens_per_s", "alive")}
+    return snapshot
 
 
 def _user_messages(message) -> list[dict]:

@@ -47,15 +47,17 @@ def make_engine(loaded_tiny):
     """Start engines on the tiny model's runner; every engine is shut down after the test."""
     engines = []
 
-    def start(runner=None, **options) -> Engine:
+    def start(runner=None, started: bool = True, **options) -> Engine:
+        """`started=False` lets a test queue requests first, so they arrive 'at the same time'."""
         options.setdefault("cache_size", 0)
-        engine = Engine(runner or loaded_tiny.runner, **options).start()
+        engine = Engine(runner or loaded_tiny.runner, **options)
         engines.append(engine)
-        return engine
+        return engine.start() if started else engine
 
     yield start
     for engine in engines:
-        engine.shutdown()
+        if engine.alive:
+            engine.shutdown()
 
 
 def asset_image(name: str):

@@ -123,7 +123,8 @@ class OutOfMemoryModel:
 
     def __init__(self, real, max_rows: int, max_prompt: int = 10_000, phase: str = "both") -> None:
         self.real, self.max_rows, self.max_prompt, self.phase = real, max_rows, max_prompt, phase
-        self.calls: list[int] = []
+        self.calls: list[tuple[int, int]] = []  # (rows, tokens per row) of every text-model call
+        self.vision_calls = 0
         self.refusals = 0
         self.model = _Guarded(self)
 
@@ -132,7 +133,7 @@ class OutOfMemoryModel:
 
     def check(self, input_ids) -> None:
         rows, length = input_ids.shape
-        self.calls.append(rows)
+        self.calls.append((rows, length))
         if self.phase != "both" and self.phase != ("step" if length == 1 else "prefill"):
             return
         if rows > self.max_rows or length > self.max_prompt:
@@ -153,6 +154,28 @@ class _Guarded:
         self.owner.check(inputs["input_ids"])
         return self.owner.real.model(**inputs)
 
+    def get_image_features(self, *args, **kwargs):
+        self.owner.vision_calls += 1
+        return self.owner.real.model.get_image_features(*args, **kwargs)
+
+
+def test_waiting_requests_are_prefilled_together_and_images_encoded_once(make_engine, loaded_tiny):
+    runner = loaded_tiny.runner
+    solo = make_engine(max_batch=1)
+    expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS]
+    solo.shutdown()
+    counting = OutOfMemoryModel(runner.model, max_rows=99)
+    engine = make_engine(NativeRunner(counting, runner.processor), started=False, max_batch=8)
+    streams = [engine.submit(c, GREEDY) for c in QUESTIONS]
+    engine.start()
+    assert [s.result(timeout=60) for s in streams] == expected
+    prefills = [rows for rows, length in counting.calls if length > 1]
+    assert prefills == [len(QUESTIONS)], "requests waiting together are prefilled in one call"
+    assert counting.vision_calls == sum(1 for c in QUESTIONS if c.images())
+    again = engine.submit(ask("Another question about it?", "scene.png"), GREEDY)
+    again.result(timeout=60)
+    assert counting.vision_calls == sum(1 for c in QUESTIONS if c.images()), "scene.png was encoded before"
+
 
 @pytest.mark.parametrize("phase", ["prefill", "step", "both"])
 def test_out_of_memory_splits_the_batch_and_everyone_finishes(make_engine, loaded_tiny, caplog, phase):
@@ -161,8 +184,9 @@ def test_out_of_memory_splits_the_batch_and_everyone_finishes(make_engine, loade
     expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS[:5]]
     solo.shutdown()
     flaky = OutOfMemoryModel(runner.model, max_rows=2, phase=phase)
-    engine = make_engine(NativeRunner(flaky, runner.processor), max_batch=8)
+    engine = make_engine(NativeRunner(flaky, runner.processor), started=False, max_batch=8)
     streams = [engine.submit(c, GREEDY) for c in QUESTIONS[:5]]
+    engine.start()
     assert [s.result(timeout=60) for s in streams] == expected
     assert flaky.refusals >= 1, "the engine never tried a batch that was too large"
     assert "out of memory" in caplog.text and "batch ceiling now" in caplog.text

@@ -24,7 +24,7 @@ def test_tiny_model_is_the_real_architecture_and_deterministic(loaded_tiny, tmp_
     model = loaded_tiny.runner.model
     assert type(model).__name__ == "MiniCPMV4_6ForConditionalGeneration"
     assert type(loaded_tiny.runner.processor).__name__ == "MiniCPMV4_6Processor"
-    batch, _ = loaded_tiny.runner.prefill(loaded_tiny.runner.encode(ask("Hi", "scene.png")), [])
+    batch, _ = loaded_tiny.runner.prefill([loaded_tiny.runner.encode(ask("Hi", "scene.png"))], [[]])
     kinds = {type(layer).__name__ for layer in batch.cache.layers}
     assert kinds == {"LinearAttentionLayer", "DynamicLayer"}, "both cache kinds must be exercised"
     other = ensure_tiny_model(tmp_path)
