@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app.launch()
+    app.launch(block=True)
     return 0
 
 

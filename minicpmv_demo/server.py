@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 import torch
+from fastapi.responses import JSONResponse
 
 from .engine import Engine
 from .gpu import GpuMemory
@@ -32,12 +33,16 @@ class App:
     demo: gr.Blocks
     monitor: ServerMonitor
 
-    def launch(self, **overrides):
-        """Start serving; returns what `Blocks.launch` returns (app, local url, share url)."""
+    def launch(self, block: bool = False, **overrides):
+        """Start serving; returns what `Blocks.launch` returns (app, local url, share url).
+
+        With `block`, serve until interrupted (the command line); otherwise return at once.
+        """
         settings = self.settings
-        if settings.share and not settings.auth:
-            log.warning(SHARE_WARNING)
-            print(SHARE_WARNING, flush=True)
+        warning = share_warning(settings)
+        if warning:
+            log.warning(warning)
+            print(warning, flush=True)
         options = {
             "server_name": settings.host,
             "server_port": settings.port,
@@ -48,12 +53,29 @@ class App:
             "max_threads": settings.concurrency + 16,
         }
         options.update(overrides)
-        return self.demo.launch(**options)
+        launched = self.demo.launch(prevent_thread_lock=True, **options)
+        launched[0].add_api_route("/health", self.health, methods=["GET"])
+        if block:
+            self.demo.block_thread()
+        return launched
+
+    def health(self) -> JSONResponse:
+        """Plain HTTP, outside the queue and auth, for load balancers and uptime checks."""
+        state = self.engine.state()
+        body = {"status": "ok" if state["alive"] else "engine down", "model": self.loaded.model_id,
+                "model_loaded": True, "engine_alive": state["alive"], "queue_depth": state["queue_depth"],
+                "batch_size": state["batch_size"], "engine_restarts": state["restarts"]}
+        return JSONResponse(body, status_code=200 if state["alive"] else 503)
 
     def close(self) -> None:
         self.demo.close()
         self.monitor.stop()
         self.engine.shutdown()
+
+
+def share_warning(settings: Settings) -> str | None:
+    """What to print when a public link is about to be made without a login."""
+    return SHARE_WARNING if settings.share and not settings.auth else None
 
 
 def cache_budget_bytes(utilization: float) -> int | None:

@@ -9,6 +9,7 @@ position beyond `--concurrency` instead of starting unbounded work.
 from __future__ import annotations
 
 import html
+import math
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +116,8 @@ def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMe
              monitor: ServerMonitor) -> gr.Blocks:
     service = ChatService(engine, settings, gpu)
 
-    with gr.Blocks(title="MiniCPM-V chat", fill_height=True) as demo:
+    # Uploads older than two hours are deleted every half hour: nothing is kept for long.
+    with gr.Blocks(title="MiniCPM-V chat", fill_height=True, delete_cache=(1800, 7200)) as demo:
         gr.Markdown(f"## MiniCPM-V chat\nServing **{loaded.description}** · "
                     f"batching up to {engine.max_batch} users at once")
         if loaded.is_tiny:
@@ -230,17 +232,20 @@ def _panel_html(gpu: GpuMemory, engine: Engine) -> str:
     parts = ["<div class='server-panel'><b>Server</b>"]
     for g in reading.gpus:
         share = 100 * g.memory_used_mb / g.memory_total_mb if g.memory_total_mb else 0
+        busy = f" · {g.utilization_pct:.0f}% busy" if math.isfinite(g.utilization_pct) else ""
         temperature = f" · {g.temperature_c:.0f} °C" if g.temperature_c is not None else ""
         parts.append(
             f"<div>GPU {g.index}: {html.escape(g.name)}</div>"
             f"<div style='background:#e5e7eb;border-radius:4px;height:10px'><div style='width:{share:.0f}%;"
             f"background:#6366f1;height:10px;border-radius:4px'></div></div>"
-            f"<div><small>{g.memory_used_mb:,.0f} / {g.memory_total_mb:,.0f} MB · "
-            f"{g.utilization_pct:.0f}% busy{temperature}</small></div>")
+            f"<div><small>{g.memory_used_mb:,.0f} / {g.memory_total_mb:,.0f} MB{busy}{temperature}</small></div>")
+    if reading.error:
+        stale = " (numbers above are the last good reading)" if reading.gpus else ""
+        parts.append(f"<div><small>GPU memory unavailable: {html.escape(reading.error)}{stale}</small></div>")
+    elif not reading.gpus:
+        parts.append("<div>No GPU: running on CPU</div>")
     if not reading.gpus:
-        text = f"GPU memory unavailable: {reading.error}" if reading.error else "No GPU: running on CPU"
-        parts.append(f"<div>{html.escape(text)}</div><div><small>process memory "
-                     f"{process_rss_mb():,.0f} MB</small></div>")
+        parts.append(f"<div><small>process memory {process_rss_mb():,.0f} MB</small></div>")
     state = engine.state()
     health = "running" if state["alive"] else "<b>stopped</b>"
     parts.append(f"<div style='margin-top:6px'><small>engine {health} · queue {state['queue_depth']} · "

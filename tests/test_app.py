@@ -16,7 +16,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 def launch(settings: Settings, loaded):
     app = build_app(settings, loaded)
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=None, quiet=True)
+    _, url, _ = app.launch(server_port=None, quiet=True)
     return app, url
 
 

@@ -281,3 +281,18 @@ def test_many_threads_submitting_at_once(make_engine):
     assert not errors
     for i in range(16):
         assert results[i] == results[i % len(QUESTIONS)]
+
+
+def test_a_dead_engine_thread_is_restarted_on_the_next_request(make_engine):
+    engine = make_engine(max_batch=2)
+
+    def die():
+        raise SystemExit("simulated crash of the engine thread")  # not caught by the loop
+
+    engine._admit = die
+    first = engine.submit(QUESTIONS[0], GREEDY)
+    assert wait_until(lambda: not engine.alive)
+    del engine._admit
+    second = engine.submit(QUESTIONS[1], GREEDY)
+    assert second.result(timeout=60) and first.result(timeout=60)
+    assert engine.alive and engine.restarts == 1

@@ -28,7 +28,7 @@ def served(request, tmp_path, tiny_settings, loaded_tiny, monkeypatch):
         script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin")
     app = build_app(replace(tiny_settings, panel_interval=0.2), loaded_tiny)
-    _, url, _ = app.launch(prevent_thread_lock=True, server_port=None, quiet=True)
+    _, url, _ = app.launch(server_port=None, quiet=True)
     client = Client(url, verbose=False)
     yield request.param, app, client
     client.close()

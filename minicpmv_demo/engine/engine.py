@@ -91,6 +91,14 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def _restart_if_dead(self) -> None:
+        """The loop survives model errors by itself; this covers anything that still kills it."""
+        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            log.error("engine thread was dead; starting a new one")
+            self.restarts += 1
+            self._fail_all("The model engine restarted; please try again.")
+            self.start()
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -114,6 +122,7 @@ class Engine:
         prompt, params = self._fit_context(conversation, params, stream)
         if prompt is None:
             return stream
+        self._restart_if_dead()
         row = _Row(stream=stream, prompt=prompt, params=params,
                    decoder=IncrementalDecoder(self.runner.tokenizer), cache_key=key)
         with self._wake:
