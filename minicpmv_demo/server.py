@@ -21,8 +21,8 @@ from .ui import build_ui
 
 log = logging.getLogger(__name__)
 
-SHARE_WARNING = ("WARNING: --share makes this demo reachable by anyone with the link, and no --auth "
-                 "is set. Add --auth user:password to require a login.")
+SHARE_WARNING = ("WARNING: --share makes this demo public (anyone with the link can use it) and no "
+                 "--auth is set. Add --auth user:password to require a login.")
 
 
 @dataclass

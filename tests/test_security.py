@@ -1,0 +1,108 @@
+"""Who can reach the model and what they can reach: auth, queue-only routes, server files, limits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from minicpmv_demo.server import build_app, share_warning
+from minicpmv_demo.settings import Settings
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def launch(settings, loaded):
+    app = build_app(settings, loaded)
+    _, url, _ = app.launch(server_port=None, quiet=True)
+    return app, url
+
+
+@pytest.fixture(scope="module")
+def open_app(tiny_settings, loaded_tiny):
+    app, url = launch(replace(tiny_settings, max_new_tokens=40, cache_size=0), loaded_tiny)
+    yield app, url
+    app.close()
+
+
+def call_raw(url: str, data: list) -> str:
+    """POST to Gradio's REST route for /chat and read the event stream back, as curl would."""
+    event = httpx.post(f"{url}gradio_api/call/chat", json={"data": data}, timeout=30).json()["event_id"]
+    return httpx.get(f"{url}gradio_api/call/chat/{event}", timeout=60).text
+
+
+def test_message_files_must_be_uploads(open_app):
+    _, url = open_app
+    for path in ("/etc/passwd", str(ASSETS / ".." / ".." / ".." / "etc" / "passwd")):
+        stream = call_raw(url, [{"text": "read it", "files": [{"path": path, "meta": {"_type": "gradio.FileData"}}]},
+                                [], 8, 0, 1])
+        assert "event: error" in stream and "root:" not in stream
+
+
+def test_history_files_must_be_uploads(open_app):
+    _, url = open_app
+    client = Client(url, verbose=False)
+    try:
+        for path in ("/etc/passwd", "../../etc/hostname"):
+            with pytest.raises(Exception, match="not an uploaded file"):
+                client.predict(message={"text": "and this?", "files": []},
+                               history=[{"role": "user", "content": [{"path": path}]}],
+                               max_new_tokens=8, temperature=0, top_p=1, api_name="/chat")
+        assert client.predict(message={"text": "still fine?", "files": [handle_file(str(ASSETS / "chart.png"))]},
+                              history=[], max_new_tokens=8, temperature=0, top_p=1, api_name="/chat")
+    finally:
+        client.close()
+
+
+def test_absurd_settings_are_clamped(open_app, loaded_tiny):
+    _, url = open_app
+    client = Client(url, verbose=False)
+    try:
+        reply = client.predict(message={"text": "go on", "files": []}, history=[], max_new_tokens=10**9,
+                               temperature=-5, top_p=42, api_name="/chat")
+    finally:
+        client.close()
+    tokens = loaded_tiny.runner.count_tokens(reply)
+    assert 0 < tokens <= 40, "the server's --max-new-tokens caps every request"
+
+
+def test_health_is_plain_http(open_app):
+    _, url = open_app
+    body = httpx.get(f"{url}health", timeout=10).json()
+    assert body["status"] == "ok" and body["engine_alive"] and body["model"] == "tiny"
+
+
+def test_auth_protects_ui_and_api_but_not_health(tiny_settings, loaded_tiny):
+    app, url = launch(replace(tiny_settings, auth="alice:s3cret"), loaded_tiny)
+    try:
+        assert httpx.get(f"{url}config", timeout=10).status_code == 401
+        assert httpx.post(f"{url}gradio_api/call/chat", json={"data": [{"text": "hi", "files": []}, [], 4, 0, 1]},
+                          timeout=10).status_code == 401
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        with pytest.raises(Exception):
+            Client(url, auth=("alice", "wrong"), verbose=False)
+        client = Client(url, auth=("alice", "s3cret"), verbose=False)
+        assert client.predict(message={"text": "hello", "files": []}, history=[], max_new_tokens=4, temperature=0,
+                              top_p=1, api_name="/chat")
+        client.close()
+        assert httpx.get(f"{url}health", timeout=10).status_code == 200
+    finally:
+        app.close()
+
+
+def test_share_without_auth_warns():
+    assert "public" in share_warning(Settings(share=True))
+    assert share_warning(Settings(share=True, auth="a:b")) is None
+    assert share_warning(Settings()) is None
+
+
+def test_no_route_reaches_the_model_outside_the_queue(open_app):
+    """api_open=False: the old direct REST route is closed; only queued routes answer."""
+    _, url = open_app
+    direct = httpx.post(f"{url}gradio_api/api/chat", json={"data": [{"text": "hi", "files": []}, [], 4, 0, 1]},
+                        timeout=10)
+    assert direct.status_code >= 400
