@@ -31,7 +31,7 @@ DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.8
 
 TINY_BANNER = (
-    "⚠️ **This is the built-in tiny test model with random weights**: its answers are random words. "
+    "**This is the built-in tiny test model with random weights**: its answers are random words. "
     "It runs anywhere, offline, to show and test the app. To chat for real, start on a CUDA GPU "
     "(`make run` picks `openbmb/MiniCPM-V-4.6`) or choose a model: "
     "`make run ARGS=\"--model openbmb/MiniCPM-V-4.6 --quant int4\"`."
@@ -95,8 +95,11 @@ class ChatService:
     def stats_line(self, stats: ReplyStats) -> str:
         """The small line under a reply: where it ran, memory, batch, speed."""
         if stats.from_cache:
-            return "⚡ answered from the reply cache (same image and question as a recent greedy reply)"
-        parts = [describe_gpus(self.gpu.read())]
+            return "answered from the reply cache (same image and question as a recent greedy reply)"
+        reading = self.gpu.read()
+        parts = [describe_gpus(reading)]
+        if not reading.gpus:
+            parts.append(f"process memory {process_rss_mb():,.0f} MB")
         if stats.peak_memory_mb is not None:
             shared = " (peak during this batch)" if stats.batch_size > 1 else ""
             parts.append(f"peak {stats.peak_memory_mb:,.0f} MB{shared}")
@@ -209,10 +212,10 @@ def _chat_column(settings: Settings) -> dict:
         file_types=["image"], file_count="multiple", sources=["upload"], show_label=False,
         elem_id="chat-input", max_plain_text_length=100_000)
     with gr.Row():
-        stop_btn = gr.Button("⏹ Stop", elem_id="stop-btn", size="sm")
-        retry_btn = gr.Button("🔄 Retry", elem_id="retry-btn", size="sm")
-        undo_btn = gr.Button("↩️ Undo", elem_id="undo-btn", size="sm")
-        clear_btn = gr.Button("🗑️ Clear", elem_id="clear-btn", size="sm")
+        stop_btn = gr.Button("Stop", elem_id="stop-btn", size="sm")
+        retry_btn = gr.Button("Retry", elem_id="retry-btn", size="sm")
+        undo_btn = gr.Button("Undo", elem_id="undo-btn", size="sm")
+        clear_btn = gr.Button("Clear", elem_id="clear-btn", size="sm")
     with gr.Accordion("Generation settings", open=False):
         max_new_tokens = gr.Slider(1, settings.max_new_tokens, step=1, label="Max new tokens",
                                    value=min(settings.default_new_tokens, settings.max_new_tokens))

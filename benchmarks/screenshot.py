@@ -1,0 +1,60 @@
+"""Takes the README's screenshot: launches the app (tiny model), asks about an example image in
+a real headless Chromium, waits for the streamed answer and its memory line, saves a PNG.
+
+    python benchmarks/screenshot.py [--out docs/screenshot.png] [--width 1280]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# No background traffic: this machine, like CI, has no network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "screenshot.png"))
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=900)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from playwright.sync_api import sync_playwright
+
+    from minicpmv_demo.server import build_app
+    from minicpmv_demo.settings import Settings
+
+    app = build_app(Settings(model="tiny", cache_size=0))
+    _, url, _ = app.launch(server_port=None, quiet=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": args.width, "height": args.height})
+            page.goto(url)
+            box = page.locator("#chat-input textarea")
+            box.wait_for()
+            page.wait_for_timeout(1000)  # let the page connect its queue before the first event
+            page.get_by_text("What is the total on this receipt").first.click()
+            page.wait_for_function("document.querySelector('#chat-input textarea').value.length > 0")
+            box.press("Enter")
+            try:
+                page.locator("#chatbot").get_by_text("batch").first.wait_for(timeout=20_000)
+            finally:
+                page.screenshot(path=args.out, full_page=True)
+            page.screenshot(path=args.out, full_page=True)
+            browser.close()
+    finally:
+        app.close()
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
