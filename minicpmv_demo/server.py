@@ -12,10 +12,12 @@ import gradio as gr
 import torch
 from fastapi.responses import JSONResponse
 
+from .chat_service import ChatService
 from .engine import Engine
 from .gpu import GpuMemory
 from .model import LoadedModel, load_model
 from .monitor import ServerMonitor
+from .openai_api import add_openai_routes
 from .settings import Settings
 from .ui import build_ui
 
@@ -32,6 +34,7 @@ class App:
     engine: Engine
     demo: gr.Blocks
     monitor: ServerMonitor
+    service: ChatService
 
     def launch(self, block: bool = False, **overrides):
         """Start serving; returns what `Blocks.launch` returns (app, local url, share url).
@@ -55,6 +58,7 @@ class App:
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
+        add_openai_routes(launched[0], self.service, self.loaded.model_id)
         if block:
             self.demo.block_thread()
         return launched
@@ -101,7 +105,8 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
                     seed=settings.seed).start()
     gpu = GpuMemory()
     monitor = ServerMonitor(engine, gpu, interval_s=settings.panel_interval).start()
-    demo = build_ui(engine, loaded, settings, gpu, monitor)
+    service = ChatService(engine, settings, gpu)
+    demo = build_ui(service, loaded, monitor)
     # api_open=False: no REST route may reach the model around the queue and its limits.
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=settings.concurrency)
-    return App(settings=settings, loaded=loaded, engine=engine, demo=demo, monitor=monitor)
+    return App(settings=settings, loaded=loaded, engine=engine, demo=demo, monitor=monitor, service=service)

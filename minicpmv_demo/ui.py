@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import html
 import math
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from .chat_input import InputError, InputRules, build_conversation
+from .chat_input import InputError
+from .chat_service import ASSETS, ChatService
 from .engine import Engine, ReplyError, ReplyStats, SamplingParams
-from .gpu import GpuMemory, describe_gpus, process_rss_mb
-from .images import ImageLimits
+from .gpu import GpuMemory, process_rss_mb
 from .model import LoadedModel
 from .monitor import ServerMonitor
 from .settings import Settings
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CHAT_GROUP = "model"  # the one concurrency group of every event that reaches the engine
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.8
@@ -44,80 +41,30 @@ EXAMPLES = [
 ]
 
 
-class ChatService:
-    """The glue between Gradio values and the engine, kept free of layout code."""
+def stream_reply(service: ChatService, message, history, params: SamplingParams,
+                 system_prompt: str = "") -> Iterator[tuple[str, ReplyStats | None]]:
+    """Yield (text so far, stats when done), with problems shown as Gradio messages.
 
-    def __init__(self, engine: Engine, settings: Settings, gpu: GpuMemory) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.gpu = gpu
-        self.rules = InputRules(
-            image_limits=ImageLimits(max_file_bytes=int(settings.max_file_mb * 1024 * 1024)),
-            max_images=settings.max_images,
-            allowed_roots=(_upload_root(), str(ASSETS)),
-        )
-
-    def params(self, max_new_tokens, temperature, top_p) -> SamplingParams:
-        """Clamp whatever a client sends to the server's limits."""
-        def number(value, default):
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return default
-        return SamplingParams(
-            max_new_tokens=int(min(max(number(max_new_tokens, 512), 1), self.settings.max_new_tokens)),
-            temperature=min(max(number(temperature, 0.0), 0.0), 2.0),
-            top_p=min(max(number(top_p, 1.0), 0.01), 1.0),
-        )
-
-    def stream_reply(self, message, history, params: SamplingParams,
-                     system_prompt: str = "") -> Iterator[tuple[str, ReplyStats | None]]:
-        """Yield (text so far, stats when done). Closing the iterator cancels the request."""
-        try:
-            conversation, notices = build_conversation(message, history, system_prompt=system_prompt or "",
-                                                       rules=self.rules)
-        except InputError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+    Closing the iterator (stop button, closed tab) cancels the request in the engine.
+    """
+    try:
+        stream, notices = service.submit(message, history, params, system_prompt)
+    except InputError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    try:
         for notice in notices:
             gr.Warning(notice)
-        stream = self.engine.submit(conversation, params)
-        try:
-            for notice in stream.notices:
-                gr.Warning(notice)
-            for text in stream.updates(self.settings.stream_interval):
-                yield text, None
-            yield stream.text, stream.stats
-        except ReplyError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-        finally:
-            stream.cancel()  # no-op when finished; frees the row after a stop or a closed tab
-
-    def stats_line(self, stats: ReplyStats) -> str:
-        """The small line under a reply: where it ran, memory, batch, speed."""
-        if stats.from_cache:
-            return "answered from the reply cache (same image and question as a recent greedy reply)"
-        reading = self.gpu.read()
-        parts = [describe_gpus(reading)]
-        if not reading.gpus:
-            parts.append(f"process memory {process_rss_mb():,.0f} MB")
-        if stats.peak_memory_mb is not None:
-            shared = " (peak during this batch)" if stats.batch_size > 1 else ""
-            parts.append(f"peak {stats.peak_memory_mb:,.0f} MB{shared}")
-        parts.append(f"batch {stats.batch_size}")
-        parts.append(f"{stats.tokens} tokens · {stats.tokens_per_s:.1f} tok/s · {stats.seconds:.1f} s")
-        return " · ".join(parts)
+        for text in stream.updates(service.settings.stream_interval):
+            yield text, None
+        yield stream.text, stream.stats
+    except ReplyError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+    finally:
+        stream.cancel()  # no-op when finished; frees the row after a stop or a closed tab
 
 
-def _upload_root() -> str:
-    """Gradio's upload cache: the only place files in a request may come from."""
-    import os
-
-    return os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")
-
-
-def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMemory,
-             monitor: ServerMonitor) -> gr.Blocks:
-    service = ChatService(engine, settings, gpu)
+def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) -> gr.Blocks:
+    engine, settings, gpu = service.engine, service.settings, service.gpu
 
     # Uploads older than two hours are deleted every half hour: nothing is kept for long.
     with gr.Blocks(title="MiniCPM-V chat", fill_height=True, delete_cache=(1800, 7200)) as demo:
@@ -169,7 +116,7 @@ def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMe
             history = list(history or [])
             shown = history + _user_messages(message)
             yield shown, None
-            for text, stats in service.stream_reply(message, history, service.params(max_new, temp, p), system):
+            for text, stats in stream_reply(service, message, history, service.params(max_new, temp, p), system):
                 reply = [{"role": "assistant", "content": text}]
                 if stats is not None:
                     reply.append({"role": "assistant", "content": "",
@@ -185,7 +132,7 @@ def build_ui(engine: Engine, loaded: LoadedModel, settings: Settings, gpu: GpuMe
         def chat_api(message, history, max_new_tokens, temperature, top_p):
             """Answer `message` ({"text", "files"}) after `history`; streams the partial reply."""
             params = service.params(max_new_tokens, temperature, top_p)
-            for text, _ in service.stream_reply(message, history or [], params):
+            for text, _ in stream_reply(service, message, history or [], params):
                 yield text
 
         # Undocumented but callable: the tests drive the page's own handler through it.

@@ -1,0 +1,74 @@
+"""What every front end (the Gradio page, its API, the OpenAI-compatible routes) does with a
+chat request: check the input, clamp the settings, hand it to the engine, describe the result.
+
+No Gradio here, so the OpenAI routes share exactly the same rules and limits as the page.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .chat_input import InputRules, build_conversation
+from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
+from .gpu import GpuMemory, describe_gpus, process_rss_mb
+from .images import ImageLimits
+from .settings import Settings
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+class ChatService:
+    """Checks requests and submits them to the engine with the server's limits."""
+
+    def __init__(self, engine: Engine, settings: Settings, gpu: GpuMemory) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.gpu = gpu
+        self.rules = InputRules(
+            image_limits=ImageLimits(max_file_bytes=int(settings.max_file_mb * 1024 * 1024)),
+            max_images=settings.max_images,
+            allowed_roots=(upload_root(), str(ASSETS)),
+        )
+
+    def params(self, max_new_tokens, temperature, top_p) -> SamplingParams:
+        """Clamp whatever a client sends to the server's limits."""
+        def number(value, default):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return default
+        return SamplingParams(
+            max_new_tokens=int(min(max(number(max_new_tokens, 512), 1), self.settings.max_new_tokens)),
+            temperature=min(max(number(temperature, 0.0), 0.0), 2.0),
+            top_p=min(max(number(top_p, 1.0), 0.01), 1.0),
+        )
+
+    def submit(self, message, history, params: SamplingParams,
+               system_prompt: str = "") -> tuple[ReplyStream, list[str]]:
+        """Queue a reply; returns its stream and notices for the user. Raises InputError."""
+        conversation, notices = build_conversation(message, history, system_prompt=system_prompt or "",
+                                                   rules=self.rules)
+        stream = self.engine.submit(conversation, params)
+        return stream, notices + stream.notices
+
+    def stats_line(self, stats: ReplyStats) -> str:
+        """The small line under a reply: where it ran, memory, batch, speed."""
+        if stats.from_cache:
+            return "answered from the reply cache (same image and question as a recent greedy reply)"
+        reading = self.gpu.read()
+        parts = [describe_gpus(reading)]
+        if not reading.gpus:
+            parts.append(f"process memory {process_rss_mb():,.0f} MB")
+        if stats.peak_memory_mb is not None:
+            shared = " (peak during this batch)" if stats.batch_size > 1 else ""
+            parts.append(f"peak {stats.peak_memory_mb:,.0f} MB{shared}")
+        parts.append(f"batch {stats.batch_size}")
+        parts.append(f"{stats.tokens} tokens · {stats.tokens_per_s:.1f} tok/s · {stats.seconds:.1f} s")
+        return " · ".join(parts)
+
+
+def upload_root() -> str:
+    """Gradio's upload cache: the only place files in a request may come from."""
+    return os.environ.get("GRADIO_TEMP_DIR") or str(Path(tempfile.gettempdir()) / "gradio")

@@ -1,0 +1,92 @@
+"""The OpenAI-compatible routes, driven by the official `openai` client, on the same engine."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from gradio_client import Client, handle_file
+
+from minicpmv_demo.server import build_app
+
+openai = pytest.importorskip("openai")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def data_url(name: str) -> str:
+    return "data:image/png;base64," + base64.b64encode((ASSETS / name).read_bytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_settings, loaded_tiny):
+    app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=64, auth="ann:pw"), loaded_tiny)
+    _, url, _ = app.launch(server_port=None, quiet=True)
+    yield app, url
+    app.close()
+
+
+def client_for(url: str, key: str = "pw"):
+    return openai.OpenAI(base_url=f"{url}v1", api_key=key, max_retries=0)
+
+
+def ask(text: str, image: str) -> list[dict]:
+    return [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": data_url(image)}}]}]
+
+
+def test_models_and_auth(served):
+    _, url = served
+    assert [m.id for m in client_for(url).models.list()] == ["tiny"]
+    with pytest.raises(openai.AuthenticationError):
+        client_for(url, key="wrong").models.list()
+
+
+def test_completion_plain_and_streamed_agree(served):
+    _, url = served
+    client = client_for(url)
+    done = client.chat.completions.create(model="tiny", messages=ask("What is this?", "chart.png"),
+                                          max_tokens=20, temperature=0)
+    text = done.choices[0].message.content
+    assert text and done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens > 0
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=ask("What is this?", "chart.png"), max_tokens=20, temperature=0, stream=True)]
+    assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == text
+
+
+def test_api_and_ui_users_share_one_engine_and_batch(served):
+    app, url = served
+    sizes, stop = [], threading.Event()
+
+    def watch():
+        while not stop.wait(0.002):
+            sizes.append(app.engine.state()["batch_size"])
+
+    threading.Thread(target=watch, daemon=True).start()
+    gradio = Client(url, auth=("ann", "pw"), verbose=False)
+    job = gradio.submit(message={"text": "Describe it", "files": [handle_file(str(ASSETS / "scene.png"))]},
+                        history=[], max_new_tokens=64, temperature=0, top_p=1, api_name="/chat")
+    reply = client_for(url).chat.completions.create(model="tiny", messages=ask("And this?", "receipt.png"),
+                                                     max_tokens=64, temperature=0)
+    assert job.result(timeout=60) and reply.choices[0].message.content
+    stop.set()
+    gradio.close()
+    assert max(sizes) == 2, "the API request and the page's request ran in one batch"
+
+
+def test_bad_requests_get_clear_errors(served):
+    _, url = served
+    client = client_for(url)
+    with pytest.raises(openai.BadRequestError, match="not an uploaded file"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"{url}gradio_api/file=/etc/passwd"}}]}])
+    with pytest.raises(openai.BadRequestError, match="not an image"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"hi").decode()}}]}])
+    with pytest.raises(openai.BadRequestError, match="last message"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
+    assert httpx.get(f"{url}health", timeout=10).json()["engine_alive"]
