@@ -22,7 +22,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,15 +82,6 @@ def prepare_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) 
         notices.append(f"{name} is very small or thin ({_size(original)}): "
                        f"padded with white to {_size(image.size)}.")
     return PreparedImage(image=image, digest=_digest(image), notices=tuple(notices))
-
-
-def prepare_images(paths: Sequence[str | os.PathLike], limits: ImageLimits,
-                   max_images: int) -> list[PreparedImage]:
-    """Prepare the images of one message, refusing the lot before any decoding if there are too
-    many (each one costs the model hundreds of tokens)."""
-    if len(paths) > max_images:
-        raise ImageError(f"Too many images in one message: {len(paths)} (the limit is {max_images}).")
-    return [prepare_image(path, limits) for path in paths]
 
 
 def _check_file(path: Path, name: str, limits: ImageLimits) -> None:

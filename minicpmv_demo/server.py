@@ -47,8 +47,9 @@ class App:
             log.warning(warning)
             print(warning, flush=True)
         options = {
-            "server_name": settings.host,
-            "server_port": settings.port,
+            # None lets Gradio apply GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (Spaces sets them).
+            "server_name": settings.host or None,
+            "server_port": settings.port or None,
             "share": settings.share,
             "auth": settings.auth_pair,
             "max_file_size": int(settings.max_file_mb * 1024 * 1024),

@@ -56,8 +56,9 @@ class Settings:
 
     panel_interval: float = field(default=2.0, metadata={"help": "seconds between server panel refreshes"})
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 for all)"})
-    port: int = field(default=7860, metadata={"help": "port to listen on"})
+    host: str = field(default="", metadata={"help": "address to listen on (0.0.0.0 for all); empty = "
+                                                    "GRADIO_SERVER_NAME or 127.0.0.1"})
+    port: int = field(default=0, metadata={"help": "port to listen on; 0 = GRADIO_SERVER_PORT or 7860"})
     share: bool = field(default=False, metadata={"help": "create a public gradio.live link"})
     auth: str = field(default="", metadata={"help": "user:password required for the UI and the API"})
     seed: int = field(default=0, metadata={"help": "seed for sampling (temperature > 0)"})

@@ -1,17 +1,20 @@
-"""Image intake against a bad-input corpus generated here (nothing downloaded)."""
+"""Image intake against a bad-input corpus generated here with Pillow (nothing downloaded)."""
 
 from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from minicpmv_demo.images import ImageError, ImageLimits, prepare_image
+from minicpmv_demo.images import ImageError, ImageLimits, PreparedImage, prepare_image
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
 
 def save(path: Path, image: Image.Image, **options) -> Path:
@@ -24,108 +27,230 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A tiny valid PNG whose header claims `width` x `height`: a decompression bomb's calling card."""
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid ~70-byte PNG whose header claims `width` x `height`: a decompression bomb's shape."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-    return path
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return write(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                 + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d: d / "missing.png", "could not be found"),
-    (lambda d: write(d / "empty.png", b""), "is empty"),
-    (lambda d: write(d / "notes.png", b"hello, not a picture"), "not an image"),
-    (lambda d: write(d / "noise.jpg", bytes(range(256)) * 40), "not an image"),
-    (lambda d: png_header_only(d / "bomb.png", 100_000, 100_000), "too large to open"),
-])
-def test_refused_with_a_clear_message(tmp_path, make, message):
-    with pytest.raises(ImageError, match=message) as caught:
-        prepare_image(make(tmp_path))
+def noise(size: tuple[int, int] = (128, 96)) -> Image.Image:
+    return Image.effect_noise(size, 60).convert("RGB")
+
+
+def refusal(path: Path, limits: ImageLimits = ImageLimits()) -> str:
+    """The message shown for a refused file, checked to be fit for a user's eyes."""
+    with pytest.raises(ImageError) as caught:
+        prepare_image(path, limits)
     text = str(caught.value)
-    assert "Traceback" not in text and str(tmp_path) not in text and len(text) < 200
+    assert text.startswith(path.name), text  # says which file
+    assert "Traceback" not in text and "Error" not in text and "\n" not in text, text
+    assert str(path.parent) not in text and len(text) < 160, text
+    return text
 
 
-def test_truncated_files_are_refused(tmp_path):
-    for name, fmt in (("cut.png", "PNG"), ("cut.jpg", "JPEG")):
-        buffer = io.BytesIO()
-        Image.effect_noise((256, 256), 60).convert("RGB").save(buffer, format=fmt)
-        (tmp_path / name).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        with pytest.raises(ImageError, match="damaged or truncated|not an image"):
-            prepare_image(tmp_path / name)
+# --- refused files --------------------------------------------------------------------------
 
 
-def test_file_over_the_size_limit(tmp_path):
-    path = save(tmp_path / "big.png", Image.effect_noise((300, 300), 80))
-    with pytest.raises(ImageError, match=r"the limit is 0 MB|limit is"):
-        prepare_image(path, ImageLimits(max_file_bytes=1000))
+def test_missing_and_empty_files(tmp_path):
+    assert "could not be found" in refusal(tmp_path / "gone.png")
+    assert "could not be found" in refusal(tmp_path)  # a folder is not a file either
+    assert "is empty" in refusal(write(tmp_path / "empty.png", b""))
 
 
-def test_huge_image_is_scaled_down_with_a_notice(tmp_path):
-    path = save(tmp_path / "wide.png", Image.new("RGB", (4000, 2000), (10, 200, 30)))
-    prepared = prepare_image(path)
+def test_file_over_the_size_limit_names_the_limit_in_mb(tmp_path):
+    path = save(tmp_path / "big.png", noise((300, 300)))
+    text = refusal(path, ImageLimits(max_file_bytes=2**20 // 8))
+    assert "the limit is 0.125 MB" in text
+    path = save(tmp_path / "huge.png", noise((1200, 1200)))  # ~4 MB of noise
+    assert "the limit is 2 MB" in refusal(path, ImageLimits(max_file_bytes=2 * 2**20))
+
+
+@pytest.mark.parametrize("name, data", [
+    ("notes.png", b"hello, this is a text file and not a picture\n" * 20),
+    ("noise.jpg", bytes(range(256)) * 40),
+    ("script.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"),  # EPS is never parsed
+    ("zero.png", None),  # a PNG header claiming 0x0 pixels
+])
+def test_non_images_with_image_names(tmp_path, name, data):
+    path = png_claiming(tmp_path / name, 0, 0) if data is None else write(tmp_path / name, data)
+    assert "is not an image this demo can read" in refusal(path)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP"])
+def test_truncated_files_are_refused(tmp_path, fmt):
+    data = encoded(noise() if fmt != "GIF" else noise().convert("P"), fmt)
+    path = write(tmp_path / f"cut.{fmt.lower()}", data[: len(data) * 2 // 3])
+    assert "damaged or truncated" in refusal(path)
+
+
+def test_corrupt_image_data_is_refused(tmp_path):
+    data = bytearray(encoded(noise(), "PNG"))
+    data[len(data) // 2: len(data) // 2 + 400] = b"\xff" * 400  # garbage inside the compressed pixels
+    assert "damaged or truncated" in refusal(write(tmp_path / "corrupt.png", bytes(data)))
+
+
+@pytest.mark.parametrize("width, height", [
+    (8000, 6000),  # 48 MP: over our limit, under Pillow's own
+    (10_000, 10_000),  # 100 MP: Pillow warns, we refuse
+    (100_000, 100_000),  # 10 GP: Pillow refuses while opening
+])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bombs_are_refused_from_the_header(tmp_path, width, height):
+    path = png_claiming(tmp_path / "bomb.png", width, height)
+    assert path.stat().st_size < 200
+    text = refusal(path)
+    assert "too many" in text and "the limit is 40 megapixels" in text
+
+
+def test_decompression_bomb_warning_raised_as_error_is_caught(tmp_path):
+    path = png_claiming(tmp_path / "bomb.png", 10_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert "too many pixels" in refusal(path, ImageLimits(max_pixels=10**9))
+
+
+def test_too_small_for_the_configured_minimum(tmp_path):
+    path = save(tmp_path / "dot.png", Image.new("RGB", (3, 3)))
+    assert "too small" in refusal(path, ImageLimits(min_side=4))
+
+
+def test_too_many_images_in_one_message(tmp_path):
+    from minicpmv_demo.chat_input import InputError, InputRules, build_conversation
+
+    paths = [str(save(tmp_path / f"{i}.png", Image.new("RGB", (32, 32), RED))) for i in range(7)]
+    rules = InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=(str(tmp_path),))
+    with pytest.raises(InputError) as caught:
+        build_conversation({"text": "all of them?", "files": paths}, [], system_prompt="", rules=rules)
+    assert str(caught.value) == "Too many images in one message: 7 (the limit is 4)."
+    conversation, _ = build_conversation({"text": "these?", "files": paths[:4]}, [], system_prompt="", rules=rules)
+    assert len(conversation.images()) == 4 and all(isinstance(p, PreparedImage) for p in conversation.images())
+
+
+# --- normalised files -----------------------------------------------------------------------
+
+
+def test_huge_image_is_downscaled_keeping_its_aspect(tmp_path):
+    prepared = prepare_image(save(tmp_path / "wide.png", Image.new("RGB", (4000, 2000), (10, 200, 30))))
     assert prepared.image.size == (1344, 672)
-    assert "scaled down from 4000x2000" in prepared.notices[0]
+    assert prepared.notices == ("wide.png was downscaled from 4000x2000 to 1344x672.",)
+    assert prepared.image.getpixel((600, 300)) == (10, 200, 30)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (10000, 10), (10, 3000)])
-def test_tiny_and_thin_images_become_usable(tmp_path, size):
+@pytest.mark.parametrize("size, expected", [
+    ((1, 1), (28, 28)),
+    ((10_000, 10), (1344, 68)),  # downscaled to 1344x1, then padded to a 1:20 ratio
+    ((10, 3000), (68, 1344)),
+    ((400, 10), (400, 28)),
+    ((60, 40), (60, 40)),  # small but fine: untouched
+])
+def test_tiny_and_thin_images_are_padded_on_white(tmp_path, size, expected):
     prepared = prepare_image(save(tmp_path / "thin.png", Image.new("L", size, 0)))
-    assert min(prepared.image.size) >= 28 and max(prepared.image.size) <= 1344
-    assert prepared.image.mode == "RGB" and prepared.notices
+    assert prepared.image.mode == "RGB" and prepared.image.size == expected
+    if size == expected:
+        assert prepared.notices == ()
+        return
+    assert "padded with white" in prepared.notices[-1]
+    assert prepared.image.getpixel((0, 0)) == WHITE  # corner: padding
+    assert prepared.image.convert("L").getextrema()[0] == 0  # the black content is still there
 
 
-def test_animated_gif_uses_its_first_frame(tmp_path):
-    frames = [Image.new("RGB", (64, 64), color) for color in ((255, 0, 0), (0, 0, 255))]
-    path = tmp_path / "anim.gif"
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+@pytest.mark.parametrize("fmt, options", [
+    ("gif", {}),
+    ("webp", {"lossless": True}),
+    ("png", {}),  # APNG
+])
+def test_animations_use_their_first_frame(tmp_path, fmt, options):
+    first, second = Image.new("RGB", (64, 64), RED), Image.new("RGB", (64, 64), BLUE)
+    path = save(tmp_path / f"anim.{fmt}", first, save_all=True, append_images=[second], duration=100,
+                loop=0, **options)
     prepared = prepare_image(path)
-    assert prepared.image.getpixel((5, 5))[0] > 200  # red, the first frame
-    assert "animated" in prepared.notices[0]
+    assert prepared.image.getpixel((5, 5)) == RED
+    assert prepared.notices == (f"anim.{fmt} is animated: using its first frame.",)
 
 
-@pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "1", "L", "I;16", "I", "F"])
-def test_every_mode_ends_as_rgb(tmp_path, mode):
-    gradient = np.tile(np.linspace(0, 1, 64), (48, 1))
-    if mode in ("I;16", "I", "F"):
-        scale = {"I;16": 65535, "I": 1_000_000, "F": 1.0}[mode]
-        array = (gradient * scale).astype({"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
-        image = Image.fromarray(array, mode=mode)
-    else:
-        image = Image.fromarray((gradient * 255).astype(np.uint8), mode="L").convert(mode)
-    ext = "tif" if mode in ("CMYK", "I", "F") else "png"
-    prepared = prepare_image(save(tmp_path / f"img.{ext}", image))
-    assert prepared.image.mode == "RGB" and prepared.image.size == (64, 48)
-    left, right = prepared.image.getpixel((0, 10)), prepared.image.getpixel((63, 10))
-    if mode not in ("1",):
-        assert sum(right) != sum(left), "the picture's content survived the conversion"
+def gradient(mode: str) -> Image.Image:
+    """A left-to-right ramp in `mode`, from 0 to the mode's natural top."""
+    ramp = np.tile(np.linspace(0, 1, 64), (48, 1))
+    deep = {"I;16": (65535, np.uint16), "I": (1_000_000, np.int32), "F": (1.0, np.float32)}
+    if mode in deep:
+        top, dtype = deep[mode]
+        return Image.fromarray((ramp * top).astype(dtype))  # the dtype picks the mode
+    return Image.fromarray((ramp * 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode, ext", [
+    ("CMYK", "jpg"), ("P", "png"), ("RGBA", "png"), ("LA", "png"), ("1", "png"), ("L", "png"),
+    ("I;16", "png"), ("I", "tif"), ("F", "tif"),
+])
+def test_every_mode_ends_as_rgb(tmp_path, mode, ext):
+    path = save(tmp_path / f"img.{ext}", gradient(mode))
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode  # the file really is in that mode
+    prepared = prepare_image(path)
+    assert prepared.image.mode == "RGB" and prepared.image.size == (64, 48) and prepared.notices == ()
+    dark, light = prepared.image.getpixel((0, 10)), prepared.image.getpixel((63, 10))
+    assert max(dark) < 40 and min(light) > 215, (dark, light)  # the ramp survived, scaled to 8 bits
+
+
+def test_deep_images_are_scaled_by_their_maximum(tmp_path):
+    twelve_bit = Image.fromarray(np.tile(np.linspace(0, 4095, 64), (32, 1)).astype(np.uint16))
+    prepared = prepare_image(save(tmp_path / "sensor.png", twelve_bit))
+    assert prepared.image.getpixel((0, 0)) == (0, 0, 0) and prepared.image.getpixel((63, 0)) == WHITE
+    small = Image.fromarray(np.full((32, 64), 100, dtype=np.int32))  # already in 8-bit range
+    assert prepare_image(save(tmp_path / "small.tif", small)).image.getpixel((0, 0)) == (100, 100, 100)
 
 
 def test_transparency_is_flattened_on_white(tmp_path):
-    image = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
-    image.putpixel((0, 0), (0, 0, 255, 255))
-    prepared = prepare_image(save(tmp_path / "alpha.png", image))
-    assert prepared.image.getpixel((20, 20)) == (255, 255, 255)
-    assert prepared.image.getpixel((0, 0)) == (0, 0, 255)
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    prepared = prepare_image(save(tmp_path / "alpha.png", rgba)).image
+    assert prepared.getpixel((20, 20)) == WHITE and prepared.getpixel((0, 0)) == BLUE
+
     palette = Image.new("P", (40, 40), 0)
     palette.putpalette([10, 20, 30, 200, 0, 0] + [0] * 762)
-    palette.info["transparency"] = 0
-    assert prepare_image(save(tmp_path / "pal.png", palette, transparency=0)).image.getpixel((1, 1)) == (255, 255, 255)
+    palette.putpixel((0, 0), 1)
+    prepared = prepare_image(save(tmp_path / "pal.png", palette, transparency=0)).image
+    assert prepared.getpixel((20, 20)) == WHITE and prepared.getpixel((0, 0)) == (200, 0, 0)
+
+    grey_alpha = Image.new("LA", (40, 40), (0, 0))
+    assert prepare_image(save(tmp_path / "la.png", grey_alpha)).image.getpixel((5, 5)) == WHITE
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    image = Image.new("RGB", (80, 40), (0, 128, 0))
+    image = Image.new("RGB", (80, 40), RED)
+    image.paste(BLUE, (40, 0, 80, 40))  # left half red, right half blue
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    prepared = prepare_image(save(tmp_path / "phone.jpg", image, exif=exif))
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write it
+    prepared = prepare_image(save(tmp_path / "phone.jpg", image, exif=exif, quality=95))
     assert prepared.image.size == (40, 80)
+    top, bottom = prepared.image.getpixel((20, 10)), prepared.image.getpixel((20, 70))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # the left half is now on top
 
 
-def test_same_pixels_same_digest_whatever_the_file(tmp_path):
-    image = Image.effect_noise((50, 40), 50).convert("RGB")
+def test_same_pixels_give_the_same_digest_whatever_the_file(tmp_path):
+    image = noise((50, 40))
     png = prepare_image(save(tmp_path / "a.png", image))
     bmp = prepare_image(save(tmp_path / "b.bmp", image))
-    other = prepare_image(save(tmp_path / "c.png", image.rotate(90)))
-    assert png.digest == bmp.digest != other.digest
+    tif = prepare_image(save(tmp_path / "c.tif", image.convert("RGBA")))  # opaque alpha: same picture
+    other = prepare_image(save(tmp_path / "d.png", image.rotate(90)))
+    assert len(png.digest) == 64
+    assert png.digest == bmp.digest == tif.digest != other.digest
+
+
+def test_pillow_global_state_is_left_alone(tmp_path):
+    before = (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+    data = encoded(noise(), "JPEG")
+    with pytest.raises(ImageError):
+        prepare_image(write(tmp_path / "cut.jpg", data[: len(data) // 2]))
+    prepare_image(save(tmp_path / "ok.png", noise()))
+    assert (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
