@@ -1,0 +1,210 @@
+"""Soak test: many simulated users for a few minutes, loopback only, bounded in time and count.
+
+Users send a mix of valid requests, bad uploads, cancellations and abandoned streams. The report
+counts requests sent, completed, rejected with a clear message, cancelled, abandoned, and lost
+(anything else: must be 0), the p95 latency, and the server's memory and thread count before
+and after (they must not keep growing).
+
+    python benchmarks/soak.py --users 64 --duration 180          # launches the tiny-model app
+    python benchmarks/soak.py --url http://127.0.0.1:7860/ --pid 1234
+
+Exits non-zero when a request was lost, the engine did not go idle, or threads grew per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from gradio_client import Client, handle_file
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets"
+IMAGES = ["chart.png", "receipt.png", "diagram.png", "scene.png"]
+PROMPTS = ["What is this?", "Describe the picture.", "List what you see.", "What is the total?"]
+# Messages the app gives for bad input: a rejection that says one of these is "clear".
+CLEAR_MESSAGES = ("not an image", "damaged or truncated", "too large", "is empty", "Please type a question",
+                  "Too many images", "the limit is", "busy")
+MAX_REQUESTS_PER_USER = 400
+
+
+@dataclass
+class Report:
+    outcomes: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, outcome: str, latency: float | None = None, detail: str = "") -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            if latency is not None:
+                self.latencies.append(latency)
+            if outcome == "lost":
+                self.lost.append(detail[:200])
+
+
+def bad_files(folder: Path) -> list[Path]:
+    """A few broken uploads, made here."""
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "notes.png"
+    text.write_text("not a picture at all")
+    cut = folder / "cut.png"
+    cut.write_bytes((ASSETS / "chart.png").read_bytes()[:800])
+    empty = folder / "empty.jpg"
+    empty.write_bytes(b"")
+    return [text, cut, empty]
+
+
+def message(rng: random.Random, files: list[str | Path]) -> dict:
+    return {"text": rng.choice(PROMPTS), "files": [handle_file(str(f)) for f in files]}
+
+
+def user(index: int, url: str, deadline: float, report: Report, broken: list[Path]) -> None:
+    """One person with one browser session (its own client), asking until the time is up."""
+    rng = random.Random(index)
+    client = Client(url, verbose=False, ssl_verify=False)
+    try:
+        ask_until(rng, url, client, deadline, report, broken)
+    finally:
+        client.close()
+
+
+def ask_until(rng: random.Random, url: str, client: Client, deadline: float, report: Report,
+              broken: list[Path]) -> None:
+    for _ in range(MAX_REQUESTS_PER_USER):
+        if time.monotonic() >= deadline:
+            return
+        kind = rng.choices(["valid", "bad", "cancel", "abandon"], weights=[60, 15, 15, 10])[0]
+        files = [rng.choice(broken)] if kind == "bad" else [ASSETS / rng.choice(IMAGES)]
+        kwargs = {"message": message(rng, files), "history": [], "max_new_tokens": rng.randint(8, 96),
+                  "temperature": rng.choice([0.0, 0.7]), "top_p": 0.9, "api_name": "/chat"}
+        started = time.monotonic()
+        try:
+            if kind == "abandon":
+                abandon(url, kwargs)
+                report.add("abandoned")
+                continue
+            job = client.submit(**kwargs)
+            if kind == "cancel":
+                for _partial in job:
+                    job.cancel()
+                    break
+                report.add("cancelled")
+                continue
+            reply = job.result(timeout=120)
+            if kind == "bad":
+                report.add("lost", detail=f"bad upload answered: {reply[:60]!r}")
+            else:
+                report.add("completed" if reply else "lost", time.monotonic() - started, "empty reply")
+        except Exception as exc:  # noqa: BLE001 - every outcome is counted
+            text = str(exc)
+            if any(clear in text for clear in CLEAR_MESSAGES):
+                report.add("rejected", time.monotonic() - started)
+            else:
+                report.add("lost", detail=f"{kind}: {type(exc).__name__}: {text}")
+
+
+def abandon(url: str, kwargs: dict) -> None:
+    """A tab closed mid-answer: its own client goes away without cancelling."""
+    client = Client(url, verbose=False, ssl_verify=False)
+    try:
+        job = client.submit(**kwargs)
+        for _partial in job:
+            break
+    finally:
+        client.close()
+
+
+def server_state(pid: int) -> dict:
+    process = psutil.Process(pid)
+    return {"rss_mb": round(process.memory_info().rss / 2**20, 1), "threads": process.num_threads()}
+
+
+def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
+    broken = bad_files(scratch)
+    client = Client(url, verbose=False, ssl_verify=False)
+    client.predict(message=message(random.Random(0), [ASSETS / "scene.png"]), history=[], max_new_tokens=8,
+                   temperature=0.0, top_p=1.0, api_name="/chat")  # warm-up
+    before = server_state(pid)
+    report = Report()
+    deadline = time.monotonic() + duration
+    client.close()
+    threads = [threading.Thread(target=user, args=(i, url, deadline, report, broken), daemon=True)
+               for i in range(users)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(duration + 180)
+    settled = wait_settled(url)
+    after = server_state(pid)
+    latencies = sorted(report.latencies)
+    p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0.0
+    return {"users": users, "duration_s": duration, "sent": sum(report.outcomes.values()),
+            **{k: report.outcomes.get(k, 0) for k in ("completed", "rejected", "cancelled", "abandoned", "lost")},
+            "p95_latency_s": round(p95, 3), "server_before": before, "server_after": after,
+            "settled": settled, "lost_details": report.lost[:10]}
+
+
+def wait_settled(url: str, timeout: float = 30.0) -> bool:
+    """After the load the engine must be idle: no stuck rows, nothing left waiting."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{url}health", timeout=10).json()
+        if health["queue_depth"] == 0 and health["batch_size"] == 0 and health["engine_alive"]:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def leaked(result: dict) -> bool:
+    """Threads may grow into Gradio's worker pool (one per concurrent user at most), not per request."""
+    growth = result["server_after"]["threads"] - result["server_before"]["threads"]
+    return growth > result["users"] + 16
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=180.0, help="seconds of load (at most 900)")
+    parser.add_argument("--url", default="", help="a running app (loopback); default: launch one")
+    parser.add_argument("--pid", type=int, default=0, help="the running app's process id")
+    args = parser.parse_args()
+    duration = min(args.duration, 900.0)
+    scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "minicpmv-soak"
+    if args.url:
+        print(json.dumps(run(args.url, args.pid, args.users, duration, scratch), indent=2))
+        return 0
+    port = 7890 + random.Random().randint(0, 90)
+    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--port", str(port),
+                               "--max-new-tokens", "128", "--concurrency", str(args.users)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        result = run(url, server.pid, args.users, duration, scratch)
+    finally:
+        server.terminate()
+        server.wait(30)
+    print(json.dumps(result, indent=2))
+    return 0 if result["lost"] == 0 and result["settled"] and not leaked(result) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
