@@ -12,6 +12,10 @@ import sys
 # Before gradio is imported: a demo that must work offline should not phone home.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from minicpmv_demo.zerogpu import import_spaces_first  # noqa: E402
+
+import_spaces_first()  # on a ZeroGPU Space `spaces` must patch torch before anything imports it
+
 from minicpmv_demo.settings import parse_settings  # noqa: E402  (light: --help stays fast)
 
 

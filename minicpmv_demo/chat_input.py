@@ -130,7 +130,7 @@ def _load(path: str, rules: InputRules) -> PreparedImage:
         raise InputError(str(exc)) from None
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=32)  # up to 32 normalised pictures (at most ~5 MB each) in memory
 def _prepare_cached(path: str, size: int, mtime_ns: int, limits: ImageLimits) -> PreparedImage:
     """Follow-up turns resend the same uploads: validate and normalise each file only once."""
     return prepare_image(path, limits)

@@ -20,6 +20,7 @@ from .monitor import ServerMonitor
 from .openai_api import add_openai_routes
 from .settings import Settings
 from .ui import build_ui
+from .zerogpu import zerogpu_batch_call
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,12 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
     threads = settings.torch_threads or (1 if loaded.is_tiny else 0)
     if threads:
         torch.set_num_threads(threads)
+    batch_call = zerogpu_batch_call()
+    if batch_call is not None:
+        log.info("ZeroGPU: each batch runs in one @spaces.GPU call")
+    budget = None if batch_call else cache_budget_bytes(settings.gpu_memory_utilization)
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
-                    memory_budget_bytes=cache_budget_bytes(settings.gpu_memory_utilization),
-                    seed=settings.seed).start()
+                    memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call).start()
     gpu = GpuMemory()
     monitor = ServerMonitor(engine, gpu, interval_s=settings.panel_interval).start()
     service = ChatService(engine, settings, gpu)

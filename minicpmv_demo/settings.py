@@ -158,7 +158,7 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     if settings.max_file_mb <= 0:
         problems.append("--max-file-mb must be positive")
     try:
-        settings.auth_pair
+        _ = settings.auth_pair  # raises ValueError when it is not user:password
     except ValueError as exc:
         problems.append(str(exc))
     if problems:

@@ -80,3 +80,26 @@ def wait_until(condition, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.005)
     return condition()
+
+
+def run_concurrently(task, count: int, timeout: float = 120.0) -> list:
+    """Run `task(i)` for i in range(count) on `count` threads at once; return the results in order,
+    or raise the first error a thread hit."""
+    import threading
+
+    results, errors = [None] * count, []
+
+    def worker(i):
+        try:
+            results[i] = task(i)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    if errors:
+        raise errors[0]
+    return results

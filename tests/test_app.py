@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
+from conftest import run_concurrently
 from gradio_client import Client, handle_file
 
 from minicpmv_demo.server import build_app
@@ -69,24 +69,8 @@ def test_sixteen_concurrent_users_get_their_own_answers(served):
     _, client = served
     names = ["scene.png", "chart.png", "receipt.png", "diagram.png"]
     expected = {name: chat(client, f"What is in {name}?", name) for name in names}
-    results, errors = {}, []
-
-    def user(i):
-        name = names[i % 4]
-        try:
-            results[i] = (name, chat(client, f"What is in {name}?", name))
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors
-    assert len(results) == 16
-    for name, reply in results.values():
-        assert reply == expected[name]
+    replies = run_concurrently(lambda i: chat(client, f"What is in {names[i % 4]}?", names[i % 4]), 16)
+    assert replies == [expected[names[i % 4]] for i in range(16)]
 
 
 def test_bad_input_gets_a_clear_message_and_the_next_request_works(served, tmp_path):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import threading
-import time
 
 import pytest
 import torch
 
-from conftest import ask, wait_until
+from conftest import ask, run_concurrently, wait_until
 from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
 from minicpmv_demo.model.native import NativeRunner
 
@@ -265,22 +263,8 @@ def test_long_chat_drops_oldest_turns_with_notice(make_engine, loaded_tiny):
 
 def test_many_threads_submitting_at_once(make_engine):
     engine = make_engine(max_batch=8)
-    results, errors = {}, []
-
-    def user(i):
-        try:
-            results[i] = engine.submit(QUESTIONS[i % len(QUESTIONS)], GREEDY).result(timeout=120)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for i in range(16):
-        assert results[i] == results[i % len(QUESTIONS)]
+    replies = run_concurrently(lambda i: engine.submit(QUESTIONS[i % len(QUESTIONS)], GREEDY).result(timeout=120), 16)
+    assert replies == [replies[i % len(QUESTIONS)] for i in range(16)]
 
 
 def test_a_dead_engine_thread_is_restarted_on_the_next_request(make_engine):

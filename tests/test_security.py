@@ -81,9 +81,9 @@ def test_auth_protects_ui_and_api_but_not_health(tiny_settings, loaded_tiny):
         assert httpx.get(f"{url}config", timeout=10).status_code == 401
         assert httpx.post(f"{url}gradio_api/call/chat", json={"data": [{"text": "hi", "files": []}, [], 4, 0, 1]},
                           timeout=10).status_code == 401
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="credentials were not provided"):
             Client(url, verbose=False)
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="Could not login"):
             Client(url, auth=("alice", "wrong"), verbose=False)
         client = Client(url, auth=("alice", "s3cret"), verbose=False)
         assert client.predict(message={"text": "hello", "files": []}, history=[], max_new_tokens=4, temperature=0,

@@ -59,8 +59,10 @@ class Engine:
     """Owns a model runner on one thread and serves every request through it."""
 
     def __init__(self, runner, *, max_batch: int = 8, cache_size: int = 128,
-                 memory_budget_bytes: int | None = None, seed: int = 0) -> None:
+                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None) -> None:
+        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call."""
         self.runner = runner
+        self.batch_call = batch_call
         self.max_batch = max_batch if runner.supports_batching else 1
         self.ceiling = self.max_batch
         self.memory_budget_bytes = memory_budget_bytes
@@ -186,7 +188,9 @@ class Engine:
             with self._wake:
                 while not self._rows and not self._waiting and not self._stopping:
                     self._wake.wait()
-            if self.runner.supports_batching:
+            if self.batch_call is not None:
+                self._serve_in_one_call()
+            elif self.runner.supports_batching:
                 self._admit()
                 if self._rows:
                     self._step()
@@ -280,6 +284,43 @@ class Engine:
             self._rows = []
             self._after_idle()
 
+    def _serve_in_one_call(self) -> None:
+        """ZeroGPU: the requests waiting now are prefilled and decoded together in one GPU call."""
+        rows = []
+        while len(rows) < self.max_batch and (row := self._next_waiting()) is not None:
+            rows.append(row)
+        if not rows:
+            return
+        started = time.perf_counter()
+        for row in rows:
+            row.started_at, row.largest_batch = started, len(rows)
+        self._rows = rows
+        self._seed += 1  # each call samples afresh
+        events = self.batch_call(self.runner, [r.prompt for r in rows], [r.params for r in rows], self._seed,
+                                 self.runner.stop_token_ids)
+        peak = None
+        try:
+            for event in events:
+                if isinstance(event, dict):
+                    peak = event.get("peak_memory_mb")
+                    continue
+                for index, token in event:
+                    if rows[index].finish_reason is None and not rows[index].stream.cancelled:
+                        self._accept(rows[index], token)
+        except Exception as exc:  # noqa: BLE001 - the call's rows fail, the engine goes on
+            log.warning("GPU call failed: %r", exc)
+            for row in rows:
+                if row.finish_reason is None:
+                    row.finish_reason = FinishReason.ERROR
+                    self._fail(row, _user_message(exc))
+        finally:
+            getattr(events, "close", lambda: None)()
+            self._rows = []
+        for row in rows:
+            if row.finish_reason != FinishReason.ERROR:
+                reason = FinishReason.CANCELLED if row.stream.cancelled else row.finish_reason or FinishReason.LENGTH
+                self._finish(row, reason, peak)
+
     # -- per-token bookkeeping -----------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         if self._generator is None or self._generator.device != logits.device:
@@ -325,11 +366,12 @@ class Engine:
         if not self._rows:
             self._after_idle()
 
-    def _finish(self, row: _Row, reason: FinishReason) -> None:
+    def _finish(self, row: _Row, reason: FinishReason, peak_mb: float | None = None) -> None:
         seconds = time.perf_counter() - row.started_at if row.started_at else 0.0
         tokens = len(row.generated) - (reason == FinishReason.STOP and bool(row.generated))
+        peak = peak_mb if peak_mb is not None else peak_memory_mb()
         row.stream.finish(ReplyStats(tokens=max(tokens, 0), seconds=seconds, batch_size=row.largest_batch,
-                                     peak_memory_mb=peak_memory_mb(), finish_reason=reason))
+                                     peak_memory_mb=peak, finish_reason=reason))
         if row.cache_key and reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.reply_cache.put(row.cache_key, row.stream.text)
 

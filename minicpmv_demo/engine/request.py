@@ -115,7 +115,7 @@ class ReplyStream:
         sent = ""
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._text != sent or self.done)
+                self._changed.wait_for(lambda seen=sent: self._text != seen or self.done)
                 text, done, error = self._text, self.done, self._error
             if text != sent:
                 sent = text
