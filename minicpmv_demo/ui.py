@@ -92,6 +92,7 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
         timer.tick(lambda: _panel_html(gpu, engine), None, server_panel, queue=False, api_visibility="private")
         timer.tick(lambda: _plots(monitor), None, [memory_plot, speed_plot, load_plot], queue=False,
                    api_visibility="private")
+
         def gpu_memory() -> dict:
             """GPU and process memory and the engine's queue and batch, as JSON."""
             return _gpu_memory(gpu, engine)

@@ -8,8 +8,8 @@ waiting for the others' long answers, and no two threads are ever inside the mod
 bitsandbytes int4 and `generate()` do not survive).
 
 Out of memory in a step halves the batch ceiling for a while and re-admits the rows from their
-text so far (the older half first); a request that cannot fit even alone gets a clear error. Any other failure fails only the requests in that batch; the loop
-goes on.
+text so far (the older half first); a request that cannot fit even alone gets a clear error.
+Any other failure fails only the requests in that batch; the loop goes on.
 """
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ class Engine:
         self._rows: list[_Row] = []
         self._batch = None
         self._steps_since_oom = 0
-        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 5 s
+        self._meter_lock = threading.Lock()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._restart_lock = threading.Lock()
         self.restarts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -95,11 +97,12 @@ class Engine:
 
     def _restart_if_dead(self) -> None:
         """The loop survives model errors by itself; this covers anything that still kills it."""
-        if self._thread is not None and not self._thread.is_alive() and not self._stopping:
-            log.error("engine thread was dead; starting a new one")
-            self.restarts += 1
-            self._fail_all("The model engine restarted; please try again.")
-            self.start()
+        with self._restart_lock:  # several handlers may notice at once; one restart is enough
+            if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+                log.error("engine thread was dead; starting a new one")
+                self.restarts += 1
+                self._fail_all("The model engine restarted; please try again.")
+                self.start()
 
     @property
     def alive(self) -> bool:
@@ -155,7 +158,8 @@ class Engine:
     def state(self) -> dict:
         """A cheap snapshot for status panels: never waits for the engine thread."""
         now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent_tokens) if now - t <= 5.0]
+        with self._meter_lock:
+            recent = [(t, n) for t, n in self._recent_tokens if now - t <= 5.0]
         return {
             "alive": self.alive,
             "queue_depth": len(self._waiting),
@@ -273,7 +277,7 @@ class Engine:
         self._rows = [row]
         try:
             for piece in self.runner.stream(row.prompt, row.params, lambda: row.stream.cancelled):
-                row.generated.append(0)
+                row.generated.append(0)  # chat() yields text pieces, not ids: count them as tokens
                 row.stream.append(piece)
                 self._count_tokens(1)
             reason = FinishReason.CANCELLED if row.stream.cancelled else FinishReason.STOP
@@ -323,6 +327,8 @@ class Engine:
 
     # -- per-token bookkeeping -----------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        if all(r.params.greedy for r in rows):  # the common API case: skip building per-row tensors
+            return logits.argmax(dim=-1).cpu()
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(self._seed)
         temperatures = torch.tensor([r.params.temperature for r in rows], device=logits.device)
@@ -341,9 +347,10 @@ class Engine:
 
     def _count_tokens(self, count: int) -> None:
         now = time.monotonic()
-        self._recent_tokens.append((now, count))
-        while self._recent_tokens and now - self._recent_tokens[0][0] > 5.0:
-            self._recent_tokens.popleft()
+        with self._meter_lock:
+            self._recent_tokens.append((now, count))
+            while self._recent_tokens and now - self._recent_tokens[0][0] > 5.0:
+                self._recent_tokens.popleft()
 
     def _mark_batch_size(self) -> None:
         for row in self._rows:
