@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from conftest import run_concurrently
 from gradio_client import Client, handle_file
 
@@ -73,13 +74,36 @@ def test_sixteen_concurrent_users_get_their_own_answers(served):
     assert replies == [expected[names[i % 4]] for i in range(16)]
 
 
-def test_bad_input_gets_a_clear_message_and_the_next_request_works(served, tmp_path):
+def _bad_upload(kind: str, folder: Path) -> list[Path]:
+    """Files a public demo gets, made here: each must be refused with a clear message."""
+    if kind == "text-named-png":
+        (folder / "notes.png").write_text("this is not a picture")
+        return [folder / "notes.png"]
+    if kind == "truncated":
+        (folder / "cut.png").write_bytes((ASSETS / "receipt.png").read_bytes()[:900])
+        return [folder / "cut.png"]
+    if kind == "bomb":
+        Image.new("1", (9000, 9000)).save(folder / "bomb.png", optimize=True)  # 81 MP in a few KB
+        return [folder / "bomb.png"]
+    return [ASSETS / "chart.png"] * 5  # too many images
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("text-named-png", "not an image"), ("truncated", "damaged or truncated|not an image"),
+    ("bomb", "too many to open"), ("too-many", "Too many images"),
+])
+def test_bad_upload_gets_a_clear_message_and_the_next_request_works(served, tmp_path, kind, message):
     _, client = served
-    fake = tmp_path / "fake.png"
-    fake.write_text("this is not a picture")
-    with pytest.raises(Exception, match="(?i)image"):
-        client.predict(message={"text": "What?", "files": [handle_file(str(fake))]}, history=[],
-                       max_new_tokens=8, temperature=0.0, top_p=1.0, api_name="/chat")
+    files = [handle_file(str(path)) for path in _bad_upload(kind, tmp_path)]
+    with pytest.raises(Exception, match=message) as caught:
+        client.predict(message={"text": "What?", "files": files}, history=[], max_new_tokens=8, temperature=0.0,
+                       top_p=1.0, api_name="/chat")
+    assert "Traceback" not in str(caught.value)
+    assert chat(client, "Still there?", "scene.png")
+
+
+def test_empty_message_is_refused_and_the_next_request_works(served):
+    _, client = served
     with pytest.raises(Exception, match="type a question or attach an image"):
         chat(client, "   ")
     assert chat(client, "Still there?", "scene.png")

@@ -109,3 +109,16 @@ def test_narrow_mobile_viewport(browser, url):
     assert width <= 400, f"no horizontal scrolling on a phone (page is {width}px wide)"
     page.screenshot(path=str(Path(os.environ.get("TMPDIR", "/tmp")) / "minicpmv-mobile.png"))
     page.close()
+
+
+def test_two_sessions_never_see_each_others_chat(browser, url):
+    first, second = open_page(browser, url), open_page(browser, url)
+    ask(first, "A private question about this receipt", "receipt.png", max_tokens=10)
+    first.locator("#chatbot").get_by_text("No GPU: running on CPU").first.wait_for(timeout=60_000)
+    second.wait_for_timeout(500)
+    assert "private question" not in second.locator("#chatbot").inner_text()
+    ask(second, "Another person asks this", None, max_tokens=10)
+    second.locator("#chatbot").get_by_text("No GPU: running on CPU").first.wait_for(timeout=60_000)
+    assert "Another person" not in first.locator("#chatbot").inner_text()
+    first.close()
+    second.close()

@@ -1,29 +1,22 @@
 """A short soak: simulated users with valid requests, bad uploads, cancels and abandoned streams.
 
-The full version is `benchmarks/soak.py` (64 users, minutes); this one keeps the suite short.
+The full version is `benchmarks/soak.py` (64 users, minutes); this one keeps the suite short. The
+app runs in its own process, so its memory and thread counts are the server's alone.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import soak  # noqa: E402
 
-from minicpmv_demo.server import build_app  # noqa: E402
 
-
-def test_short_soak_loses_nothing_and_leaks_no_threads(tiny_settings, loaded_tiny, tmp_path):
-    app = build_app(replace(tiny_settings, max_new_tokens=96, cache_size=16), loaded_tiny)
-    _, url, _ = app.launch(server_port=None, quiet=True)
-    try:
-        result = soak.run(url, os.getpid(), users=12, duration=15, scratch=tmp_path)
-    finally:
-        app.close()
+def test_short_soak_loses_nothing_and_leaks_no_threads(tiny_dir, tmp_path):
+    with soak.launched_app(concurrency=12, tiny_model_dir=tiny_dir) as (url, pid):
+        result = soak.run(url, pid, users=12, duration=15, scratch=tmp_path)
     assert result["lost"] == 0, result
     assert result["completed"] >= 10 and result["rejected"] >= 1 and result["cancelled"] >= 1, result
     assert result["abandoned"] >= 1, result
