@@ -51,9 +51,6 @@ class LegacyRunner:
                 msgs.append({"role": turn.role, "content": turn.text})
         return LegacyPrompt(msgs=msgs, image=first_image, system_prompt=conversation.system_prompt)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def stream(self, prompt: LegacyPrompt, params: SamplingParams,
                cancelled: Callable[[], bool]) -> Iterator[str]:
         """Yield text pieces until the model is done; after a cancel, drain without yielding."""

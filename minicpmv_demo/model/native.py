@@ -77,14 +77,11 @@ class NativeRunner:
         """Apply the chat template and the processor; images go in the order they appear."""
         messages = conversation.to_template_messages()
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [image.image for image in conversation.images()]
+        images = conversation.images()
+        pictures = [[image.image for image in images]] if images else None
         with self._encode_lock:
-            inputs = self.processor(images=[images] if images else None, text=[text], return_tensors="pt")
-        return Prompt(inputs=dict(inputs), images_key="|".join(i.digest for i in conversation.images()))
-
-    def count_tokens(self, text: str) -> int:
-        with self._encode_lock:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            inputs = self.processor(images=pictures, text=[text], return_tensors="pt")
+        return Prompt(inputs=dict(inputs), images_key="|".join(image.digest for image in images))
 
     # -- model work (engine thread only) ---------------------------------------------------
     @torch.inference_mode()
