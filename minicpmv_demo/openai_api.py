@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from .chat_input import InputError
 from .chat_service import ChatService, upload_root
@@ -39,7 +39,6 @@ class ApiError(Exception):
 
 def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> None:
     """Register the routes on the FastAPI app that Gradio runs."""
-    limiter = _InFlight(service.settings.concurrency + service.settings.queue_size)
 
     def models(request: Request) -> JSONResponse:
         try:
@@ -52,43 +51,27 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> No
     def chat_completions(request: Request, body: dict):
         try:
             _authorize(request, service)
-            if not limiter.acquire():
+            # The same bound as Gradio's --queue-size: beyond it, "busy" instead of a long wait.
+            if service.engine.state()["queue_depth"] >= service.settings.queue_size:
                 raise ApiError(503, "The server is busy. Please try again.", "server_busy")
-            try:
-                stream = _submit(service, body)
-            except BaseException:
-                limiter.release()
-                raise
+            stream = _submit(service, body)
         except ApiError as exc:
             return _error(exc)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.get("stream"):
-            return StreamingResponse(_sse(stream, completion_id, model_name, service, limiter),
-                                     media_type="text/event-stream")
+            # The background task also runs when the client hangs up before the first chunk.
+            return StreamingResponse(_sse(stream, completion_id, model_name, service),
+                                     media_type="text/event-stream", background=BackgroundTask(stream.cancel))
         try:
             text = stream.result()
         except ReplyError as exc:
             return _error(ApiError(500, str(exc), "server_error"))
         finally:
             stream.cancel()
-            limiter.release()
         return JSONResponse(_completion(completion_id, model_name, text, stream))
 
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-
-
-class _InFlight:
-    """Bounds how many API requests are inside the server, like Gradio's queue size does."""
-
-    def __init__(self, limit: int) -> None:
-        self._slots = threading.BoundedSemaphore(limit)
-
-    def acquire(self) -> bool:
-        return self._slots.acquire(blocking=False)
-
-    def release(self) -> None:
-        self._slots.release()
 
 
 def _authorize(request: Request, service: ChatService) -> None:
@@ -194,8 +177,7 @@ def _image_path(url: str, scratch: str) -> str:
     raise ApiError(400, "image_url must be a data: URL or the URL of a file uploaded to this server.")
 
 
-def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatService,
-         limiter: _InFlight) -> Iterator[str]:
+def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatService) -> Iterator[str]:
     """Server-sent events in OpenAI's chunk format; a client that hangs up cancels the request."""
     created = int(time.time())
 
@@ -215,7 +197,6 @@ def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatServi
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
     finally:
         stream.cancel()
-        limiter.release()
     yield "data: [DONE]\n\n"
 
 

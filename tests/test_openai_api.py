@@ -90,3 +90,22 @@ def test_bad_requests_get_clear_errors(served):
     with pytest.raises(openai.BadRequestError, match="last message"):
         client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
     assert httpx.get(f"{url}health", timeout=10).json()["engine_alive"]
+
+
+def test_busy_beyond_the_queue_size(tiny_settings, loaded_tiny):
+    from minicpmv_demo.engine import SamplingParams
+    from conftest import ask as conversation
+
+    app = build_app(replace(tiny_settings, cache_size=0, max_batch=1, queue_size=1, max_new_tokens=1024),
+                    loaded_tiny)
+    _, url, _ = app.launch(server_port=None, quiet=True)
+    try:
+        long = SamplingParams(max_new_tokens=1024)
+        running, waiting = (app.engine.submit(conversation(f"story {i}"), long) for i in range(2))
+        with pytest.raises(openai.InternalServerError, match="busy"):
+            client_for(url, key="none").chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        running.cancel()
+        waiting.cancel()
+    finally:
+        app.close()
