@@ -11,6 +11,8 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
+from conftest import ask as conversation
+from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.server import build_app
 
 openai = pytest.importorskip("openai")
@@ -93,9 +95,6 @@ def test_bad_requests_get_clear_errors(served):
 
 
 def test_busy_beyond_the_queue_size(tiny_settings, loaded_tiny):
-    from minicpmv_demo.engine import SamplingParams
-    from conftest import ask as conversation
-
     app = build_app(replace(tiny_settings, cache_size=0, max_batch=1, queue_size=1, max_new_tokens=1024),
                     loaded_tiny)
     _, url, _ = app.launch(server_port=None, quiet=True)
