@@ -9,10 +9,12 @@ reply) and are never sent back to the model.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from .conversation import Conversation, Turn
@@ -121,16 +123,36 @@ def _load(path: str, rules: InputRules) -> PreparedImage:
     if not any(real.startswith(os.path.realpath(root) + os.sep) for root in rules.allowed_roots):
         raise InputError(f"{Path(path).name} is not an uploaded file; upload the image instead.")
     try:
-        stat = os.stat(real)
+        content = _file_digest(real)
     except OSError:
         raise InputError(f"{Path(path).name} is no longer on the server; please upload it again.") from None
+    key = (content, Path(real).name, rules.image_limits)
+    with _prepared_lock:
+        prepared = _prepared.get(key)
+        if prepared is not None:
+            _prepared.move_to_end(key)
+            return prepared
     try:
-        return _prepare_cached(real, stat.st_size, stat.st_mtime_ns, rules.image_limits)
+        prepared = prepare_image(real, rules.image_limits)
     except ImageError as exc:
         raise InputError(str(exc)) from None
+    with _prepared_lock:
+        _prepared[key] = prepared
+        while len(_prepared) > PREPARED_CACHE_SIZE:
+            _prepared.popitem(last=False)
+    return prepared
 
 
-@lru_cache(maxsize=32)  # up to 32 normalised pictures (at most ~5 MB each) in memory
-def _prepare_cached(path: str, size: int, mtime_ns: int, limits: ImageLimits) -> PreparedImage:
-    """Follow-up turns resend the same uploads: validate and normalise each file only once."""
-    return prepare_image(path, limits)
+def _file_digest(path: str) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+# Checked and normalised pictures by file content: a follow-up turn, or the same picture uploaded
+# again, is not decoded twice. At most ~5 MB each.
+PREPARED_CACHE_SIZE = 32
+_prepared: OrderedDict[tuple, PreparedImage] = OrderedDict()
+_prepared_lock = threading.Lock()

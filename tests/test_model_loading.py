@@ -158,3 +158,18 @@ def test_auto_on_cpu_is_the_tiny_model():
     assert resolve_model_id(Settings(), cuda=False) == "tiny"
     assert resolve_model_id(Settings(), cuda=True) == "openbmb/MiniCPM-V-4.6"
     assert torch.cuda.is_available() is False
+
+
+def test_cached_encoding_equals_the_processor(loaded_tiny):
+    """The runner preprocesses each picture once; the result must be the processor's, exactly."""
+    runner = loaded_tiny.runner
+    for names in (("scene.png",), ("chart.png", "receipt.png"), ()):
+        conversation = ask("Describe these.", *names)
+        for _ in range(2):  # the second time from the cache
+            mine = runner.encode(conversation).inputs
+            text = runner.processor.apply_chat_template(conversation.to_template_messages(),
+                                                        add_generation_prompt=True, tokenize=False)
+            pictures = [[image.image for image in conversation.images()]] if names else None
+            reference = runner.processor(images=pictures, text=[text], return_tensors="pt")
+            assert sorted(mine) == sorted(reference.keys())
+            assert all(torch.equal(mine[key], reference[key]) for key in reference.keys())

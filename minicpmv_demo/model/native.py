@@ -24,6 +24,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..conversation import Conversation
 
 
+# Preprocessed pictures (pixels and placeholder text) remembered by content digest.
+IMAGE_CACHE_SIZE = 64
 # Vision-tower outputs remembered per set of images: follow-up questions about the same
 # pictures (and visitors clicking the same example) skip the vision tower.
 VISION_CACHE_SIZE = 16
@@ -71,17 +73,42 @@ class NativeRunner:
         self.stop_token_ids = frozenset(i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 32768))
         self._vision_cache: OrderedDict[str, object] = OrderedDict()  # engine thread only
+        self._image_cache: OrderedDict[str, tuple] = OrderedDict()  # under the encode lock
 
     # -- encoding (caller threads) ---------------------------------------------------------
     def encode(self, conversation: Conversation) -> Prompt:
-        """Apply the chat template and the processor; images go in the order they appear."""
+        """Apply the chat template and the processor; images go in the order they appear.
+
+        Does what `processor(images=..., text=...)` does, but preprocesses each picture once
+        (cached by its content digest): follow-up turns resend the same images every time.
+        """
         messages = conversation.to_template_messages()
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         images = conversation.images()
-        pictures = [[image.image for image in images]] if images else None
         with self._encode_lock:
-            inputs = self.processor(images=pictures, text=[text], return_tensors="pt")
-        return Prompt(inputs=dict(inputs), images_key="|".join(image.digest for image in images))
+            if not images:
+                return Prompt(inputs=dict(self.processor(text=[text], return_tensors="pt")))
+            parts = [self._preprocessed(image) for image in images]
+            replacements = [replacement for _, _, replacement in parts]
+            if self.processor.default_use_image_id:
+                replacements = self.processor._prepend_local_ids([text], replacements, self.processor.image_token)
+            texts, _ = self.processor.get_text_with_replacements([text], replacements, [])
+            inputs = dict(self.tokenizer(texts, return_tensors="pt"))
+        inputs["pixel_values"] = torch.cat([pixels for pixels, _, _ in parts], dim=-1)
+        inputs["target_sizes"] = torch.cat([sizes for _, sizes, _ in parts])
+        return Prompt(inputs=inputs, images_key="|".join(image.digest for image in images))
+
+    def _preprocessed(self, image) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """One picture through the image processor: packed pixels, slice sizes, placeholder text."""
+        cached = self._image_cache.get(image.digest)
+        if cached is None:
+            processed, (replacement,) = self.processor._process_images([[image.image]], return_tensors="pt")
+            cached = (processed["pixel_values"], processed["target_sizes"], replacement)
+            self._image_cache[image.digest] = cached
+            if len(self._image_cache) > IMAGE_CACHE_SIZE:
+                self._image_cache.popitem(last=False)
+        self._image_cache.move_to_end(image.digest)
+        return cached
 
     # -- model work (engine thread only) ---------------------------------------------------
     @torch.inference_mode()
