@@ -50,7 +50,7 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
     """
     import torch
 
-    from .engine.sampling import sample_next_tokens
+    from .engine.sampling import sample_for
     from .gpu import peak_memory_mb, reset_peak_memory
 
     reset_peak_memory()
@@ -60,9 +60,7 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
         alive = list(range(len(prompts)))
         counts = [0] * len(prompts)
         while alive:
-            temperatures = torch.tensor([params[i].temperature for i in alive], device=logits.device)
-            top_ps = torch.tensor([params[i].top_p for i in alive], device=logits.device)
-            tokens = sample_next_tokens(logits, temperatures, top_ps, generator).cpu().tolist()
+            tokens = sample_for(logits, [params[i] for i in alive], generator).tolist()
             yield list(zip(alive, tokens, strict=True))
             keep = []
             for position, (row, token) in enumerate(zip(alive, tokens, strict=True)):

@@ -28,7 +28,7 @@ from ..gpu import peak_memory_mb, reset_peak_memory
 from .detokenizer import IncrementalDecoder
 from .reply_cache import ReplyCache
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
-from .sampling import sample_next_tokens
+from .sampling import sample_for
 
 log = logging.getLogger(__name__)
 
@@ -223,19 +223,19 @@ class Engine:
     def _take_newcomers(self) -> list[_Row]:
         """Waiting rows for the free slots, while their memory and the prefill budget allow."""
         newcomers: list[_Row] = []
-        padded = 0
+        width = 0  # the longest newcomer: every row of the prefill is padded to it
         while len(self._rows) + len(newcomers) < self.ceiling:
             row = self._next_waiting()
             if row is None:
                 break
             row.reserved_bytes = self._reservation(row)
-            width = max(padded // max(len(newcomers), 1), row.prompt.length + len(row.generated))
+            row_width = max(width, row.prompt.length + len(row.generated))
             crowded = self._rows or newcomers
             if crowded and (not self._fits(row.reserved_bytes, newcomers)
-                            or width * (len(newcomers) + 1) > PREFILL_TOKEN_BUDGET):
+                            or row_width * (len(newcomers) + 1) > PREFILL_TOKEN_BUDGET):
                 self._requeue_front([row])
                 break
-            padded = width * (len(newcomers) + 1)
+            width = row_width
             newcomers.append(row)
         return newcomers
 
@@ -327,13 +327,9 @@ class Engine:
 
     # -- per-token bookkeeping -----------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        if all(r.params.greedy for r in rows):  # the common API case: skip building per-row tensors
-            return logits.argmax(dim=-1).cpu()
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(self._seed)
-        temperatures = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-        top_ps = torch.tensor([r.params.top_p for r in rows], device=logits.device)
-        return sample_next_tokens(logits, temperatures, top_ps, self._generator).cpu()
+        return sample_for(logits, [r.params for r in rows], self._generator)
 
     def _accept(self, row: _Row, token: int) -> None:
         row.generated.append(token)

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from .request import SamplingParams
+
+
+def sample_for(logits: torch.Tensor, params: list[SamplingParams],
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of `logits` [B, V] with row i's `params[i]`; returned on the CPU."""
+    if all(p.greedy for p in params):  # the common API case: skip building per-row tensors
+        return logits.argmax(dim=-1).cpu()
+    temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
+    top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
+    return sample_next_tokens(logits, temperatures, top_ps, generator).cpu()
+
 
 def sample_next_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
                        generator: torch.Generator | None = None) -> torch.Tensor:
