@@ -57,7 +57,7 @@ def _split_message(message: dict | str) -> tuple[str, list[str]]:
     text = message.get("text") or ""
     if not isinstance(text, str):
         raise InputError("The message text must be a string.")
-    return text, [_file_path(item) for item in message.get("files") or []]
+    return text, [file_path(item) for item in message.get("files") or []]
 
 
 def _history_turns(history: Iterable[dict], rules: InputRules) -> list[Turn]:
@@ -67,18 +67,24 @@ def _history_turns(history: Iterable[dict], rules: InputRules) -> list[Turn]:
             raise InputError("Each history entry needs a role ('user' or 'assistant') and content.")
         if entry.get("metadata"):
             continue  # display-only lines such as the GPU memory under a reply
-        texts, images = [], []
-        for part in _parts(entry.get("content")):
-            if isinstance(part, str):
-                texts.append(part)
-            elif part.get("type") == "text" or "text" in part:
-                texts.append(str(part.get("text", "")))
-            else:
-                images.append(_load(_file_path(part), rules))
-        if entry["role"] == "assistant":
-            images = []  # the model never sees images "said" by the assistant
-        turns.append(Turn(role=entry["role"], text="\n".join(t for t in texts if t), images=tuple(images)))
+        texts, paths = content_parts(entry.get("content"))
+        # The model never sees images "said" by the assistant, so they are not even opened.
+        images = tuple(_load(path, rules) for path in paths) if entry["role"] == "user" else ()
+        turns.append(Turn(role=entry["role"], text="\n".join(t for t in texts if t), images=images))
     return turns
+
+
+def content_parts(content) -> tuple[list[str], list[str]]:
+    """The texts and the file paths in one message's content, whatever shape it came in."""
+    texts, paths = [], []
+    for part in _parts(content):
+        if isinstance(part, str):
+            texts.append(part)
+        elif part.get("type") == "text" or "text" in part:
+            texts.append(str(part.get("text", "")))
+        else:
+            paths.append(file_path(part))
+    return texts, paths
 
 
 def _parts(content) -> list:
@@ -91,7 +97,7 @@ def _parts(content) -> list:
     raise InputError("History content must be text, a file, or a list of those.")
 
 
-def _file_path(item) -> str:
+def file_path(item) -> str:
     """The server path of an uploaded file, whatever wrapper it came in."""
     if isinstance(item, str):
         return item

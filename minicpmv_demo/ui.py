@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import gradio as gr
 import pandas as pd
 
-from .chat_input import InputError
+from .chat_input import InputError, content_parts, file_path
 from .chat_service import ASSETS, ChatService
 from .engine import Engine, ReplyError, ReplyStats, SamplingParams
 from .gpu import GpuMemory, process_rss_mb
@@ -115,7 +115,10 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
         def respond(message, history, max_new, temp, p, system):
             """Show the user's message, then stream the reply into the chat."""
             history = list(history or [])
-            shown = history + _user_messages(message)
+            try:
+                shown = history + _user_messages(message)
+            except InputError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
             yield shown, None
             for text, stats in stream_reply(service, message, history, service.params(max_new, temp, p), system):
                 reply = [{"role": "assistant", "content": text}]
@@ -125,7 +128,10 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
                 yield shown + reply, gr.skip()
 
         def retry(history, max_new, temp, p, system):
-            earlier, message = _split_last_user_turn(history)
+            try:
+                earlier, message = _split_last_user_turn(history)
+            except InputError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
             if message is None:
                 raise gr.Error("Nothing to retry yet.", print_exception=False)
             yield from respond(message, earlier, max_new, temp, p, system)
@@ -145,7 +151,7 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
                           api_reply, api_name="chat", **model_event)
         stop_btn.click(None, None, None, cancels=[submit_event, retry_event], queue=False,
                        api_visibility="private")
-        undo_btn.click(_undo, chatbot, [chatbot, chat_input], cancels=[submit_event, retry_event],
+        undo_btn.click(_split_last_user_turn, chatbot, [chatbot, chat_input], cancels=[submit_event, retry_event],
                        queue=False, api_visibility="private")
         clear_btn.click(lambda: ([], None), None, [chatbot, chat_input], cancels=[submit_event, retry_event],
                         queue=False, api_visibility="private")
@@ -228,14 +234,10 @@ def _gpu_memory(gpu: GpuMemory, engine: Engine) -> dict:
 def _user_messages(message) -> list[dict]:
     """How a sent message appears in the chat: one bubble per image, then the text."""
     message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
-    shown = [{"role": "user", "content": {"path": _path(f)}} for f in message.get("files") or []]
+    shown = [{"role": "user", "content": {"path": file_path(f)}} for f in message.get("files") or []]
     if (message.get("text") or "").strip():
         shown.append({"role": "user", "content": message["text"]})
     return shown
-
-
-def _path(file) -> str:
-    return file if isinstance(file, str) else (file.get("path") or "")
 
 
 def _split_last_user_turn(history) -> tuple[list[dict], dict | None]:
@@ -251,16 +253,7 @@ def _split_last_user_turn(history) -> tuple[list[dict], dict | None]:
         return history, None
     text, files = [], []
     for entry in history[start:end]:
-        for part in entry["content"] if isinstance(entry["content"], list) else [entry["content"]]:
-            if isinstance(part, str):
-                text.append(part)
-            elif part.get("type") == "text":
-                text.append(part.get("text", ""))
-            else:
-                files.append(_path(part.get("file", part)))
+        texts, paths = content_parts(entry["content"])
+        text += texts
+        files += paths
     return history[:start], {"text": "\n".join(text), "files": files}
-
-
-def _undo(history):
-    earlier, message = _split_last_user_turn(history)
-    return earlier, message
