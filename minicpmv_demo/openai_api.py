@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from .chat_input import InputError
+from .chat_input import InputError, content_parts
 from .chat_service import ChatService, upload_root
 from .engine import FinishReason, ReplyError, ReplyStream
 
@@ -111,9 +111,8 @@ def _submit(service: ChatService, body: dict) -> ReplyStream:
                 raise ApiError(400, f"Unsupported message role: {role!r}.")
         if not history or history[-1]["role"] != "user":
             raise ApiError(400, "The last message must be the user's.")
-        last = history.pop()
-        question = {"text": "\n".join(p["text"] for p in last["content"] if p["type"] == "text"),
-                    "files": [p["file"]["path"] for p in last["content"] if p["type"] == "file"]}
+        texts, files = content_parts(history.pop()["content"])
+        question = {"text": "\n".join(texts), "files": files}
         try:
             stream, _ = service.submit(question, history, params, "\n".join(system))
         except InputError as exc:
