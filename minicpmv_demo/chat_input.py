@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .conversation import Conversation, Turn
 from .images import ImageError, ImageLimits, PreparedImage, prepare_image
+from .lru import LruCache
 
 
 class InputError(ValueError):
@@ -133,19 +132,13 @@ def _load(path: str, rules: InputRules) -> PreparedImage:
     except OSError:
         raise InputError(f"{Path(path).name} is no longer on the server; please upload it again.") from None
     key = (content, Path(real).name, rules.image_limits)
-    with _prepared_lock:
-        prepared = _prepared.get(key)
-        if prepared is not None:
-            _prepared.move_to_end(key)
-            return prepared
-    try:
-        prepared = prepare_image(real, rules.image_limits)
-    except ImageError as exc:
-        raise InputError(str(exc)) from None
-    with _prepared_lock:
-        _prepared[key] = prepared
-        while len(_prepared) > PREPARED_CACHE_SIZE:
-            _prepared.popitem(last=False)
+    prepared = _prepared.get(key)
+    if prepared is None:
+        try:
+            prepared = prepare_image(real, rules.image_limits)
+        except ImageError as exc:
+            raise InputError(str(exc)) from None
+        _prepared.put(key, prepared)
     return prepared
 
 
@@ -159,6 +152,4 @@ def _file_digest(path: str) -> str:
 
 # Checked and normalised pictures by file content: a follow-up turn, or the same picture uploaded
 # again, is not decoded twice. At most ~5 MB each.
-PREPARED_CACHE_SIZE = 32
-_prepared: OrderedDict[tuple, PreparedImage] = OrderedDict()
-_prepared_lock = threading.Lock()
+_prepared: LruCache[PreparedImage] = LruCache(32)

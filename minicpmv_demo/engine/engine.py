@@ -25,8 +25,8 @@ import torch
 
 from ..conversation import Conversation
 from ..gpu import peak_memory_mb, reset_peak_memory
+from ..lru import LruCache
 from .detokenizer import IncrementalDecoder
-from .reply_cache import ReplyCache
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from .sampling import sample_for
 
@@ -66,7 +66,7 @@ class Engine:
         self.max_batch = max_batch if runner.supports_batching else 1
         self.ceiling = self.max_batch
         self.memory_budget_bytes = memory_budget_bytes
-        self.reply_cache = ReplyCache(cache_size)
+        self.reply_cache: LruCache[str] = LruCache(cache_size)  # greedy replies by chat and settings
         self._seed = seed
         self._generator: torch.Generator | None = None
         self._lock = threading.Lock()

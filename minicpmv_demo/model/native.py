@@ -15,13 +15,13 @@ so padding never leaks in.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..conversation import Conversation
+from ..lru import LruCache
 
 
 # Preprocessed pictures (pixels and placeholder text) remembered by content digest.
@@ -72,8 +72,8 @@ class NativeRunner:
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.stop_token_ids = frozenset(i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 32768))
-        self._vision_cache: OrderedDict[str, object] = OrderedDict()  # engine thread only
-        self._image_cache: OrderedDict[str, tuple] = OrderedDict()  # under the encode lock
+        self._vision_cache: LruCache[object] = LruCache(VISION_CACHE_SIZE)
+        self._image_cache: LruCache[tuple] = LruCache(IMAGE_CACHE_SIZE)
 
     # -- encoding (caller threads) ---------------------------------------------------------
     def encode(self, conversation: Conversation) -> Prompt:
@@ -104,10 +104,7 @@ class NativeRunner:
         if cached is None:
             processed, (replacement,) = self.processor._process_images([[image.image]], return_tensors="pt")
             cached = (processed["pixel_values"], processed["target_sizes"], replacement)
-            self._image_cache[image.digest] = cached
-            if len(self._image_cache) > IMAGE_CACHE_SIZE:
-                self._image_cache.popitem(last=False)
-        self._image_cache.move_to_end(image.digest)
+            self._image_cache.put(image.digest, cached)
         return cached
 
     # -- model work (engine thread only) ---------------------------------------------------
@@ -141,17 +138,14 @@ class NativeRunner:
         return prompt.inputs["input_ids"][0].tolist() + generated
 
     def _image_features(self, prompt: Prompt):
-        key = prompt.images_key
-        features = self._vision_cache.get(key)
+        features = self._vision_cache.get(prompt.images_key)
         if features is None:
             pixels = prompt.inputs["pixel_values"][:1].to(self.device, self.model.dtype)
             sizes = prompt.inputs["target_sizes"].to(self.device)
             features = self.model.model.get_image_features(pixels, sizes)
-            self._vision_cache[key] = features
-            if len(self._vision_cache) > VISION_CACHE_SIZE:
-                self._vision_cache.popitem(last=False)
-        self._vision_cache.move_to_end(key)
+            self._vision_cache.put(prompt.images_key, features)
         return features
+
     @torch.inference_mode()
     def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits [B, V]. Updates `batch`."""
