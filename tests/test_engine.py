@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -113,6 +114,19 @@ def test_cancel_frees_the_row_and_others_carry_on(make_engine):
     assert not survivor.done, "the other request keeps going"
     survivor.result(timeout=60)
     assert wait_until(lambda: engine.state()["batch_size"] == 0)
+
+
+def test_coalesced_stream_delivers_the_end_at_once(make_engine):
+    """A reader that coalesces tokens (the UI's stream interval) still sees the reply's end as
+    soon as it happens, not at its next tick: the next request of that user waits on it."""
+    engine = make_engine(max_batch=2)
+    stream = engine.submit(QUESTIONS[1], SamplingParams(max_new_tokens=8))
+    updates = stream.updates(interval=30.0)
+    first = next(updates)
+    started = time.perf_counter()
+    rest = list(updates)
+    assert time.perf_counter() - started < 10, "the end waited for the 30 s coalescing tick"
+    assert (rest[-1] if rest else first) == stream.result(timeout=5)
 
 
 class OutOfMemoryModel:

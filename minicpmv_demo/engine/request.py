@@ -56,7 +56,8 @@ class ReplyStream:
 
     Readers get the whole text so far (what Gradio wants to stream) and may skip intermediate
     states: updates are coalesced to at most one per `interval`, which keeps a fast model from
-    flooding the browser with one message per token.
+    flooding the browser with one message per token. The end is never held back for the
+    interval: a user's next question (and the batch slot it fills) waits on it.
     """
 
     def __init__(self) -> None:
@@ -65,6 +66,7 @@ class ReplyStream:
         self._stats: ReplyStats | None = None
         self._error: str | None = None
         self._cancelled = threading.Event()
+        self._ended = threading.Event()  # set with the stats or the error: wakes a coalescing reader
         self.notices: list[str] = []  # things the user should know, e.g. "oldest turns left out"
         self.submitted_at = time.perf_counter()
         self.first_text_at: float | None = None
@@ -83,11 +85,13 @@ class ReplyStream:
         with self._changed:
             self._stats = stats
             self._changed.notify_all()
+        self._ended.set()
 
     def fail(self, message: str) -> None:
         with self._changed:
             self._error = message
             self._changed.notify_all()
+        self._ended.set()
 
     @property
     def cancelled(self) -> bool:
@@ -125,7 +129,7 @@ class ReplyStream:
             if done:
                 return
             if interval:
-                time.sleep(interval)
+                self._ended.wait(interval)  # coalesce tokens, but deliver the end at once
 
     def result(self, timeout: float | None = None) -> str:
         """Block until the reply is complete and return its text (used by tests and benchmarks)."""
