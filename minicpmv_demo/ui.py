@@ -139,8 +139,11 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
         def chat_api(message, history, max_new_tokens, temperature, top_p):
             """Answer `message` ({"text", "files"}) after `history`; streams the partial reply."""
             params = service.params(max_new_tokens, temperature, top_p)
+            sent = None
             for text, _ in stream_reply(service, message, history or [], params):
-                yield text
+                if text != sent:  # the stats that come with the end change nothing here
+                    sent = text
+                    yield text
 
         # Undocumented but callable: the tests drive the page's own handler through it.
         submit_event = chat_input.submit(respond, [chat_input, chatbot, *settings_inputs], [chatbot, chat_input],
