@@ -17,6 +17,7 @@ from .images import ImageLimits
 from .settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+MAX_STREAM_INTERVAL = 0.25  # seconds: the slowest a streamed reply is updated under load
 
 
 class ChatService:
@@ -52,6 +53,20 @@ class ChatService:
                                                    rules=self.rules)
         stream = self.engine.submit(conversation, params)
         return stream, notices + stream.notices
+
+    def stream_interval(self) -> float:
+        """Seconds between one reply's streamed updates, now.
+
+        Each update costs the server interpreter time that the engine thread shares (Gradio's
+        queue, JSON, the socket), so the total rate is capped: with more replies streaming at
+        once, each one's updates come further apart (0.08 s each at 8 replies with the default
+        100 per second) and generation keeps its share; never more than 0.25 s, so text still
+        flows visibly.
+        """
+        base, budget = self.settings.stream_interval, self.settings.max_stream_updates
+        if budget <= 0:
+            return base
+        return max(base, min(self.engine.active_rows / budget, MAX_STREAM_INTERVAL))
 
     def stats_line(self, stats: ReplyStats) -> str:
         """The small line under a reply: where it ran, memory, batch, speed."""

@@ -52,7 +52,11 @@ class Settings:
     max_images: int = field(default=4, metadata={"help": "most images in one message"})
     max_file_mb: float = field(default=20.0, metadata={"help": "largest upload accepted"})
     stream_interval: float = field(
-        default=0.03, metadata={"help": "seconds between streamed UI updates (coalesces tokens)"})
+        default=0.03, metadata={"help": "least seconds between one reply's streamed updates (coalesces tokens)"})
+    max_stream_updates: float = field(
+        default=100.0, metadata={"help": "streamed updates per second over all replies together; with many "
+                                         "replies at once each one's updates come further apart, up to "
+                                         "0.25 s (0 = no limit)"})
 
     panel_interval: float = field(default=2.0, metadata={"help": "seconds between server panel refreshes"})
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import ask, run_concurrently, wait_until
+from minicpmv_demo.chat_service import ChatService
 from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
+from minicpmv_demo.gpu import GpuMemory
 from minicpmv_demo.model.native import NativeRunner
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
@@ -127,6 +130,21 @@ def test_coalesced_stream_delivers_the_end_at_once(make_engine):
     rest = list(updates)
     assert time.perf_counter() - started < 10, "the end waited for the 30 s coalescing tick"
     assert (rest[-1] if rest else first) == stream.result(timeout=5)
+
+
+def test_streams_update_less_often_while_many_reply_at_once(make_engine, tiny_settings):
+    """The server's budget of streamed updates is shared by the replies streaming at once."""
+    engine = make_engine(max_batch=8)
+    service = ChatService(engine, replace(tiny_settings, stream_interval=0.03, max_stream_updates=100),
+                          GpuMemory())
+    assert service.stream_interval() == pytest.approx(0.03)
+    streams = [engine.submit(QUESTIONS[i % 5], SamplingParams(max_new_tokens=2000)) for i in range(8)]
+    assert wait_until(lambda: engine.active_rows == 8)
+    assert service.stream_interval() == pytest.approx(8 / 100)
+    for stream in streams:
+        stream.cancel()
+    assert wait_until(lambda: engine.active_rows == 0)
+    assert service.stream_interval() == pytest.approx(0.03)
 
 
 class OutOfMemoryModel:

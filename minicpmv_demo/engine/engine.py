@@ -155,6 +155,11 @@ class Engine:
             params = replace(params, max_new_tokens=context - prompt.length)
         return prompt, params
 
+    @property
+    def active_rows(self) -> int:
+        """Requests generating right now (a cheap read, safe from any thread)."""
+        return len(self._rows)
+
     def state(self) -> dict:
         """A cheap snapshot for status panels: never waits for the engine thread."""
         now = time.monotonic()
@@ -163,7 +168,7 @@ class Engine:
         return {
             "alive": self.alive,
             "queue_depth": len(self._waiting),
-            "batch_size": len(self._rows),
+            "batch_size": self.active_rows,
             "batch_ceiling": self.ceiling,
             "max_batch": self.max_batch,
             "tokens_per_s": sum(n for _, n in recent) / 5.0,

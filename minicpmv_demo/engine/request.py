@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -114,8 +114,11 @@ class ReplyStream:
     def stats(self) -> ReplyStats | None:
         return self._stats
 
-    def updates(self, interval: float = 0.0) -> Iterator[str]:
-        """Yield the accumulated text each time it grew; raise ReplyError if the engine failed it."""
+    def updates(self, interval: float | Callable[[], float] = 0.0) -> Iterator[str]:
+        """Yield the accumulated text each time it grew; raise ReplyError if the engine failed it.
+
+        `interval` may be a function, asked after each update: the pace can follow the load.
+        """
         sent = ""
         while True:
             with self._changed:
@@ -128,8 +131,9 @@ class ReplyStream:
                 raise ReplyError(error)
             if done:
                 return
-            if interval:
-                self._ended.wait(interval)  # coalesce tokens, but deliver the end at once
+            pause = interval() if callable(interval) else interval
+            if pause:
+                self._ended.wait(pause)  # coalesce tokens, but deliver the end at once
 
     def result(self, timeout: float | None = None) -> str:
         """Block until the reply is complete and return its text (used by tests and benchmarks)."""
