@@ -136,10 +136,10 @@ class ReplyStream:
                 self._ended.wait(pause)  # coalesce tokens, but deliver the end at once
 
     def result(self, timeout: float | None = None) -> str:
-        """Block until the reply is complete and return its text (used by tests and benchmarks)."""
-        with self._changed:
-            if not self._changed.wait_for(lambda: self.done, timeout=timeout):
-                raise TimeoutError("reply not finished in time")
+        """Block until the reply is complete and return its text (the OpenAI route without
+        streaming, tests, benchmarks). Waits for the end alone: not woken at every token."""
+        if not self._ended.wait(timeout):
+            raise TimeoutError("reply not finished in time")
         if self._error is not None:
             raise ReplyError(self._error)
         return self._text
