@@ -12,8 +12,12 @@ class IncrementalDecoder:
     unfinished UTF-8 character is held back until the next token completes it.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, token_texts: dict[int, str] | None = None) -> None:
+        """`token_texts`, shared by the decoders of one engine thread, remembers each token's text
+        alone: the window without the new token is usually the one token emitted last, so that
+        half of the decoding becomes a lookup (bounded by the vocabulary)."""
         self._tokenizer = tokenizer
+        self._token_texts = token_texts if token_texts is not None else {}
         self._ids: list[int] = []
         self._prefix = 0  # start of the window used as context
         self._read = 0  # tokens before this are already emitted
@@ -28,4 +32,9 @@ class IncrementalDecoder:
         return after[len(before):]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        if len(ids) != 1:
+            return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        text = self._token_texts.get(ids[0])
+        if text is None:
+            text = self._token_texts[ids[0]] = self._tokenizer.decode(ids, skip_special_tokens=True)
+        return text

@@ -67,6 +67,7 @@ class Engine:
         self.ceiling = self.max_batch
         self.memory_budget_bytes = memory_budget_bytes
         self.reply_cache: LruCache[str] = LruCache(cache_size)  # greedy replies by chat and settings
+        self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
         self._seed = seed
         self._generator: torch.Generator | None = None
         self._lock = threading.Lock()
@@ -129,7 +130,7 @@ class Engine:
             return stream
         self._restart_if_dead()
         row = _Row(stream=stream, prompt=prompt, params=params,
-                   decoder=IncrementalDecoder(self.runner.tokenizer), cache_key=key)
+                   decoder=IncrementalDecoder(self.runner.tokenizer, self._token_texts), cache_key=key)
         with self._wake:
             self._waiting.append(row)
             self._wake.notify()
