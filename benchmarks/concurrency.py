@@ -237,7 +237,7 @@ def main() -> int:
     parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--batched", type=int, default=8, help="--max-batch of the batched run")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3, help="requests each user sends, one after another")
+    parser.add_argument("--rounds", type=int, default=6, help="requests each user sends, one after another")
     parser.add_argument("--stream-interval", type=float, default=0.03)
     parser.add_argument("--tag", default="cpu-tiny", help="name of the result files")
     args = parser.parse_args()
