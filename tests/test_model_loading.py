@@ -14,7 +14,7 @@ import torch
 from conftest import ask
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.model import ModelLoadError, load_model
-from minicpmv_demo.model.tiny import ensure_tiny_model
+from minicpmv_demo.model.tiny import build_word_tokenizer, ensure_tiny_model
 from minicpmv_demo.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,16 @@ def test_tiny_model_answers_with_readable_words(make_engine):
                                             SamplingParams(max_new_tokens=12)).result(timeout=60)
     words = reply.split()
     assert len(words) >= 6 and all(w.isascii() for w in words)
+
+
+def test_word_tokenizer_padded_to_a_full_vocabulary_counts_every_id_as_one_token():
+    """What the full-size random-weight benchmark model relies on (benchmarks/full_size_model.py):
+    any id the model emits decodes to one word that encodes back to that same id."""
+    tokenizer = build_word_tokenizer(248_320)
+    assert len(tokenizer) == 248_320
+    for token_id in (300, 12_345, 248_319):
+        word = tokenizer.decode([token_id])
+        assert tokenizer(word, add_special_tokens=False)["input_ids"] == [token_id]
 
 
 def test_tiny_model_in_int4_loads_and_answers(tiny_dir, make_engine):

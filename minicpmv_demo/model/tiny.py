@@ -9,8 +9,10 @@ words instead of broken UTF-8.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import string
 import tempfile
 from pathlib import Path
 
@@ -106,8 +108,8 @@ def build_tiny_model(folder: Path) -> None:
     import torch
     from transformers import MiniCPMV4_6ForConditionalGeneration
 
-    tokenizer = _build_tokenizer()
-    processor = _build_processor(tokenizer)
+    tokenizer = build_word_tokenizer()
+    processor = build_processor(tokenizer)
     config = _build_config(tokenizer)
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
@@ -118,13 +120,19 @@ def build_tiny_model(folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def _build_tokenizer():
-    """A word-level tokenizer: random weights then pick whole words, which read as words."""
+def build_word_tokenizer(vocab_size: int = 0):
+    """A word-level tokenizer: random weights then pick whole words, which read as words.
+
+    `vocab_size` pads the vocabulary with made-up letter-only words ("qaaaa", "qaaab", ...) up
+    to a full model's size, so every id such a model emits decodes to one word, and that word
+    encodes back to one token (benchmarks count tokens that way).
+    """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import TokenizersBackend
 
     specials = list(SPECIAL_TOKENS.values()) + list(MULTIMODAL_TOKENS.values()) + CHAT_TOKENS
     ordinary = list(dict.fromkeys(WORDS + PUNCTUATION + DIGITS))
+    ordinary += _filler_words(vocab_size - len(specials) - len(ordinary))
     vocab = {token: index for index, token in enumerate(specials + ordinary)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
@@ -140,11 +148,22 @@ def _build_tokenizer():
     )
 
 
-def _build_processor(tokenizer):
+def _filler_words(count: int) -> list[str]:
+    """`count` made-up words "qaaaa", "qaaab", ...: letters only, so each stays one token."""
+    length = 1
+    while 26**length < count:
+        length += 1
+    combos = itertools.product(string.ascii_lowercase, repeat=length)
+    return ["q" + "".join(letters) for letters in itertools.islice(combos, max(count, 0))]
+
+
+def build_processor(tokenizer, sizes: dict | None = None):
+    """The MiniCPM-V 4.6 processor around `tokenizer`; `sizes` are the image processor's
+    (the tiny model's small slices by default)."""
     from transformers import (MiniCPMV4_6ImageProcessor, MiniCPMV4_6Processor,
                               MiniCPMV4_6VideoProcessor)
 
-    sizes = {"scale_resolution": 112, "patch_size": 14, "max_slice_nums": 4}
+    sizes = sizes or {"scale_resolution": 112, "patch_size": 14, "max_slice_nums": 4}
     return MiniCPMV4_6Processor(
         image_processor=MiniCPMV4_6ImageProcessor(**sizes),
         video_processor=MiniCPMV4_6VideoProcessor(**sizes),
