@@ -6,10 +6,11 @@ from __future__ import annotations
 class IncrementalDecoder:
     """Emits only the new text of each token, without decoding the whole reply every step.
 
-    Decodes a short window of recent tokens (from `prefix` on) twice, with and without the new
-    ones, and emits the difference: tokenizers that merge pieces (byte-level BPE, WordPiece
-    prefixes, spaces before words) then still produce the right text. A piece that ends in an
-    unfinished UTF-8 character is held back until the next token completes it.
+    Decodes a short window of recent tokens (from `prefix` on) with and without the new ones,
+    and emits the difference: tokenizers that merge pieces (byte-level BPE, WordPiece prefixes,
+    spaces before words) then still produce the right text. The window without the new token
+    is usually one token, whose text is remembered, so most tokens cost one decode. A piece that
+    ends in an unfinished UTF-8 character is held back until the next token completes it.
     """
 
     def __init__(self, tokenizer, token_texts: dict[int, str] | None = None) -> None:

@@ -84,14 +84,14 @@ class ReplyStream:
     def finish(self, stats: ReplyStats) -> None:
         with self._changed:
             self._stats = stats
+            self._ended.set()
             self._changed.notify_all()
-        self._ended.set()
 
     def fail(self, message: str) -> None:
         with self._changed:
             self._error = message
+            self._ended.set()
             self._changed.notify_all()
-        self._ended.set()
 
     @property
     def cancelled(self) -> bool:
