@@ -14,10 +14,9 @@ from .chat_input import InputRules, build_conversation
 from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
 from .gpu import GpuMemory, describe_gpus, process_rss_mb
 from .images import ImageLimits
-from .settings import Settings
+from .settings import MAX_STREAM_INTERVAL, Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-MAX_STREAM_INTERVAL = 0.25  # seconds: the slowest a streamed reply is updated under load
 
 
 class ChatService:
@@ -54,14 +53,14 @@ class ChatService:
         stream = self.engine.submit(conversation, params)
         return stream, notices + stream.notices
 
-    def stream_interval(self) -> float:
+    def current_stream_interval(self) -> float:
         """Seconds between one reply's streamed updates, now.
 
         Each update costs the server interpreter time that the engine thread shares (Gradio's
-        queue, JSON, the socket), so the total rate is capped: with more replies streaming at
-        once, each one's updates come further apart (0.08 s each at 8 replies with the default
-        100 per second) and generation keeps its share; never more than 0.25 s, so text still
-        flows visibly.
+        queue, JSON, the socket), so the total rate is capped: with more replies being generated
+        at once, each one's updates come further apart (0.08 s each at 8 replies with the
+        default 100 per second) and generation keeps its share. The cap never stretches the
+        interval beyond MAX_STREAM_INTERVAL, so text still flows visibly.
         """
         base, budget = self.settings.stream_interval, self.settings.max_stream_updates
         if budget <= 0:

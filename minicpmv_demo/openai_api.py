@@ -188,7 +188,7 @@ def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatServi
     sent = ""
     try:
         yield chunk({"role": "assistant", "content": ""})
-        for text in stream.updates(service.stream_interval):
+        for text in stream.updates(service.current_stream_interval):
             yield chunk({"content": text[len(sent):]})
             sent = text
         yield chunk({}, _finish_reason(stream))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 ENV_PREFIX = "MINICPMV_"
+MAX_STREAM_INTERVAL = 0.25  # seconds: the update budget never spaces one reply's updates further
 TINY_MODEL = "tiny"
 
 
@@ -54,9 +55,9 @@ class Settings:
     stream_interval: float = field(
         default=0.03, metadata={"help": "least seconds between one reply's streamed updates (coalesces tokens)"})
     max_stream_updates: float = field(
-        default=100.0, metadata={"help": "streamed updates per second over all replies together; with many "
-                                         "replies at once each one's updates come further apart, up to "
-                                         "0.25 s (0 = no limit)"})
+        default=100.0, metadata={"help": "streamed updates per second over all replies being generated; "
+                                         "with many at once each one's updates come further apart, but "
+                                         f"never more than {MAX_STREAM_INTERVAL} s because of it (0 = no limit)"})
 
     panel_interval: float = field(default=2.0, metadata={"help": "seconds between server panel refreshes"})
 

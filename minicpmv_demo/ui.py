@@ -54,7 +54,7 @@ def stream_reply(service: ChatService, message, history, params: SamplingParams,
     try:
         for notice in notices:
             gr.Warning(notice)
-        for text in stream.updates(service.stream_interval):
+        for text in stream.updates(service.current_stream_interval):
             yield text, None
         yield stream.text, stream.stats
     except ReplyError as exc:

@@ -124,12 +124,14 @@ def test_coalesced_stream_delivers_the_end_at_once(make_engine):
     soon as it happens, not at its next tick: the next request of that user waits on it."""
     engine = make_engine(max_batch=2)
     stream = engine.submit(QUESTIONS[1], SamplingParams(max_new_tokens=8))
-    updates = stream.updates(interval=30.0)
+    asked = []
+    updates = stream.updates(interval=lambda: asked.append(1) or 30.0)  # asked after each update
     first = next(updates)
     started = time.perf_counter()
     rest = list(updates)
     assert time.perf_counter() - started < 10, "the end waited for the 30 s coalescing tick"
     assert (rest[-1] if rest else first) == stream.result(timeout=5)
+    assert asked or not rest, "the pace is asked again after every update but the last"
 
 
 def test_streams_update_less_often_while_many_reply_at_once(make_engine, tiny_settings):
@@ -137,14 +139,14 @@ def test_streams_update_less_often_while_many_reply_at_once(make_engine, tiny_se
     engine = make_engine(max_batch=8)
     service = ChatService(engine, replace(tiny_settings, stream_interval=0.03, max_stream_updates=100),
                           GpuMemory())
-    assert service.stream_interval() == pytest.approx(0.03)
+    assert service.current_stream_interval() == pytest.approx(0.03)
     streams = [engine.submit(QUESTIONS[i % 5], SamplingParams(max_new_tokens=2000)) for i in range(8)]
     assert wait_until(lambda: engine.active_rows == 8)
-    assert service.stream_interval() == pytest.approx(8 / 100)
+    assert service.current_stream_interval() == pytest.approx(8 / 100)
     for stream in streams:
         stream.cancel()
     assert wait_until(lambda: engine.active_rows == 0)
-    assert service.stream_interval() == pytest.approx(0.03)
+    assert service.current_stream_interval() == pytest.approx(0.03)
 
 
 class OutOfMemoryModel:
