@@ -36,7 +36,11 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> in
     """Write tokenizer, processor and a random bf16 model into `folder`; return its parameters."""
     from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
-    from minicpmv_demo.model.tiny import MULTIMODAL_TOKENS, build_processor, build_word_tokenizer
+    from minicpmv_demo.model.tiny import (
+        MULTIMODAL_TOKENS,
+        build_processor,
+        build_word_tokenizer,
+    )
 
     config = MiniCPMV4_6Config()
     text, vision = config.text_config, config.vision_config

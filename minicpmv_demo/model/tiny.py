@@ -15,6 +15,10 @@ import shutil
 import string
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
+    from transformers import MiniCPMV4_6Processor, TokenizersBackend
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
 TINY_MODEL_VERSION = "v2"
@@ -120,7 +124,7 @@ def build_tiny_model(folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def build_word_tokenizer(vocab_size: int = 0):
+def build_word_tokenizer(vocab_size: int = 0) -> TokenizersBackend:
     """A word-level tokenizer: random weights then pick whole words, which read as words.
 
     `vocab_size` pads the vocabulary with made-up letter-only words ("qaaaa", "qaaab", ...) up
@@ -132,7 +136,7 @@ def build_word_tokenizer(vocab_size: int = 0):
 
     specials = list(SPECIAL_TOKENS.values()) + list(MULTIMODAL_TOKENS.values()) + CHAT_TOKENS
     ordinary = list(dict.fromkeys(WORDS + PUNCTUATION + DIGITS))
-    ordinary += _filler_words(vocab_size - len(specials) - len(ordinary))
+    ordinary += _filler_words(vocab_size - len(specials) - len(ordinary), taken=set(ordinary))
     vocab = {token: index for index, token in enumerate(specials + ordinary)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.normalizer = normalizers.Lowercase()
@@ -148,16 +152,18 @@ def build_word_tokenizer(vocab_size: int = 0):
     )
 
 
-def _filler_words(count: int) -> list[str]:
-    """`count` made-up words "qaaaa", "qaaab", ...: letters only, so each stays one token."""
+def _filler_words(count: int, taken: set[str]) -> list[str]:
+    """`count` made-up words "qaaaa", "qaaab", ...: letters only, so each stays one token, and
+    none of them a word already in `taken`."""
     length = 1
-    while 26**length < count:
+    while 26**length < count + len(taken):
         length += 1
-    combos = itertools.product(string.ascii_lowercase, repeat=length)
-    return ["q" + "".join(letters) for letters in itertools.islice(combos, max(count, 0))]
+    words = ("q" + "".join(letters) for letters in itertools.product(string.ascii_lowercase, repeat=length))
+    return list(itertools.islice((w for w in words if w not in taken), max(count, 0)))
 
 
-def build_processor(tokenizer, sizes: dict | None = None):
+def build_processor(tokenizer: TokenizersBackend,
+                    sizes: dict[str, int] | None = None) -> MiniCPMV4_6Processor:
     """The MiniCPM-V 4.6 processor around `tokenizer`; `sizes` are the image processor's
     (the tiny model's small slices by default)."""
     from transformers import (MiniCPMV4_6ImageProcessor, MiniCPMV4_6Processor,
