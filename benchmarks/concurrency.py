@@ -24,10 +24,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 from gradio_client import Client, handle_file
+from gradio_client.client import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -53,7 +55,8 @@ class Server:
         self.port = free_port()
         command = [sys.executable, str(ROOT / "app.py"), "--model", args.model, "--max-batch", str(max_batch),
                    "--port", str(self.port), "--cache-size", "0", "--max-new-tokens", "1024",
-                   "--stream-interval", str(args.stream_interval), "--concurrency", "64"]
+                   "--stream-interval", str(args.stream_interval), "--max-stream-updates",
+                   str(args.max_stream_updates), "--concurrency", "64"]
         if args.dtype:
             command += ["--dtype", args.dtype]
         if args.quant:
@@ -120,13 +123,13 @@ def one_request(client: Client, prompt: tuple[str, str], max_new_tokens: int) ->
     return {"reply": reply, "ttft": first if first is not None else latency, "latency": latency}
 
 
-def outputs_of(job, every: float = 0.005):
+def outputs_of(job: Job, every: float = 0.005) -> Iterator[str]:
     """The job's streamed outputs as they arrive, looked at every 5 ms. (Iterating a job looks
     every 1 ms: eight such clients take CPU from the server they measure on a small machine.)"""
     seen = 0
     while True:
         done = job.done()
-        outputs = job.outputs()
+        outputs = list(job.outputs())  # a copy: the client appends to its own list meanwhile
         yield from outputs[seen:]
         seen = len(outputs)
         if done:
@@ -239,6 +242,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6, help="requests each user sends, one after another")
     parser.add_argument("--stream-interval", type=float, default=0.03)
+    parser.add_argument("--max-stream-updates", type=float, default=100.0,
+                        help="the app's budget of streamed updates per second (0 = none)")
     parser.add_argument("--tag", default="cpu-tiny", help="name of the result files")
     args = parser.parse_args()
 
@@ -247,14 +252,16 @@ def main() -> int:
     runs: dict[str, list[dict]] = {}
     memory: dict[str, dict] = {}
     extra: dict[str, dict] = {}
+    reference: list[str] = []
+    mismatches = 0
     for label, max_batch in (("max-batch 1", 1), (f"max-batch {args.batched}", args.batched)):
         with Server(args, max_batch) as server:
             # The same unmeasured warm-up for both engines: each prompt alone (its pictures enter
-            # the caches; with --max-batch 1 these are the replies every concurrent run must
-            # match), then one burst at the largest concurrency (first-time tensor shapes).
+            # the caches), then one burst at the largest concurrency (first-time tensor shapes).
+            # The first server's replies alone are the reference every other reply must equal.
             alone = [one_request(server.client, p, args.max_new_tokens)["reply"] for p in PROMPTS]
-            if max_batch == 1:
-                solo = alone
+            reference = reference or alone
+            mismatches += sum(reply != expected for reply, expected in zip(alone, reference, strict=True))
             run_users(server, max(args.users), args.max_new_tokens, count_tokens, 1)
             runs[label] = [run_users(server, n, args.max_new_tokens, count_tokens, args.rounds)
                            for n in args.users]
@@ -262,12 +269,12 @@ def main() -> int:
                 extra["ttft_under_load"] = ttft_under_load(server)
             memory[label] = {"peak_rss_mb": server.peak_rss_mb, "gpu_used_mb": server.gpu_memory_mb()}
 
-    cross_talk = sum(reply != solo[i % len(PROMPTS)]
-                     for rows in runs.values() for row in rows for i, reply in enumerate(row["replies"]))
+    mismatches += sum(reply != reference[i % len(PROMPTS)] for rows in runs.values()
+                      for row in rows for i, reply in enumerate(row["replies"]))
     print_table(runs, memory, args)
     batched_label = f"max-batch {args.batched}"
     at8 = {label: next((r for r in rows if r["users"] == 8), None) for label, rows in runs.items()}
-    summary = {"cross_talk_mismatches": cross_talk, **extra}
+    summary = {"cross_talk_mismatches": mismatches, **extra}
     if all(at8.values()):
         summary["speedup_at_8_users"] = at8[batched_label]["tokens_per_s"] / at8["max-batch 1"]["tokens_per_s"]
     print()
