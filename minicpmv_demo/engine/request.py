@@ -66,7 +66,7 @@ class ReplyStream:
         self._stats: ReplyStats | None = None
         self._error: str | None = None
         self._cancelled = threading.Event()
-        self._ended = threading.Event()  # set with the stats or the error: wakes a coalescing reader
+        self._ended = threading.Event()  # set with the stats or the error; wakes a coalescing reader
         self.notices: list[str] = []  # things the user should know, e.g. "oldest turns left out"
         self.submitted_at = time.perf_counter()
         self.first_text_at: float | None = None
@@ -104,7 +104,7 @@ class ReplyStream:
 
     @property
     def done(self) -> bool:
-        return self._stats is not None or self._error is not None
+        return self._ended.is_set()
 
     @property
     def text(self) -> str:
