@@ -32,8 +32,13 @@ BANDWIDTH_GBS = {"H200": 4800, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB"
                  "L40S": 864, "A10G": 600, "L4": 300, "RTX 4090": 1008, "RTX 3090": 936}
 
 
-def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> int:
-    """Write tokenizer, processor and a random bf16 model into `folder`; return its parameters."""
+def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> tuple[int, int, int]:
+    """Write tokenizer, processor and a random bf16 model into `folder`.
+
+    Returns (all parameters, parameters one decoded token reads, of which the output head):
+    a decode step reads the text model's layers and the head, not the vision tower, and of the
+    input embeddings only one row per token.
+    """
     from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
     from minicpmv_demo.model.tiny import (
@@ -69,7 +74,13 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> in
         shutil.rmtree(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    head = count(model.get_output_embeddings())
+    read_per_token = count(model.get_decoder()) - count(model.get_input_embeddings()) + head
+    return count(model), read_per_token, head
 
 
 def gpu_bandwidth_gbs() -> float | None:
@@ -93,17 +104,17 @@ def main() -> int:
                         help="GPU memory bandwidth for the bound; default: looked up by GPU name")
     args = parser.parse_args()
 
-    params = build(args.folder, args.text_layers, args.vision_layers, args.device)
-    bf16_gb = params * 2 / 1e9
-    # nf4 with double quant: ~4.13 bits per quantized weight; embeddings and norms stay bf16, so
-    # this is a lower bound on the int4 checkpoint's bytes (and an upper bound on its speed).
-    int4_gb = params * 4.13 / 8 / 1e9
-    print(f"built {args.folder}: {params / 1e9:.2f} B parameters, {bf16_gb:.1f} GB in bf16, "
-          f"at least {int4_gb:.1f} GB in int4")
+    params, per_token, head = build(args.folder, args.text_layers, args.vision_layers, args.device)
+    bf16_gb = per_token * 2 / 1e9
+    # nf4 with double quant: ~4.13 bits per quantized weight; bitsandbytes leaves the output head
+    # in 16 bits. Norms and small parts are counted as 4-bit: a slight underestimate of the bytes.
+    int4_gb = ((per_token - head) * 4.13 / 8 + head * 2) / 1e9
+    print(f"built {args.folder}: {params / 1e9:.2f} B parameters; one decoded token reads "
+          f"{per_token / 1e9:.2f} B of them: {bf16_gb:.1f} GB in bf16, about {int4_gb:.1f} GB in int4")
     bandwidth = args.bandwidth_gbs or gpu_bandwidth_gbs()
     if bandwidth:
         print(f"single-stream bound at {bandwidth:,.0f} GB/s: bf16 {bandwidth / bf16_gb:,.0f} tokens/s, "
-              f"int4 at most {bandwidth / int4_gb:,.0f} tokens/s")
+              f"int4 about {bandwidth / int4_gb:,.0f} tokens/s")
     return 0
 
 
