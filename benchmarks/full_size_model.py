@@ -42,9 +42,10 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> tu
     from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
     from minicpmv_demo.model.tiny import (
-        MULTIMODAL_TOKENS,
         build_processor,
         build_word_tokenizer,
+        multimodal_token_ids,
+        save_checkpoint,
     )
 
     config = MiniCPMV4_6Config()
@@ -56,8 +57,7 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> tu
         vision.num_hidden_layers = vision_layers
     tokenizer = build_word_tokenizer(text.vocab_size)
     text.eos_token_id, text.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    config.image_token_id = tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["image_token"])
-    config.video_token_id = tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["video_token"])
+    config.update(multimodal_token_ids(tokenizer))
     # The vision tower's patch size decides how pixels are packed: the processor must agree.
     processor = build_processor(tokenizer, {"scale_resolution": 448, "patch_size": vision.patch_size,
                                             "max_slice_nums": 9})
@@ -68,12 +68,9 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> tu
             model = MiniCPMV4_6ForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     if folder.exists():
         shutil.rmtree(folder)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_checkpoint(model, processor, folder)
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())

@@ -118,6 +118,19 @@ def build_tiny_model(folder: Path) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
         model = MiniCPMV4_6ForConditionalGeneration(config)
+    save_checkpoint(model, processor, folder)
+
+
+def multimodal_token_ids(tokenizer: TokenizersBackend) -> dict[str, int]:
+    """The config's image and video placeholder ids, as the word tokenizer numbers them."""
+    return {"image_token_id": tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["image_token"]),
+            "video_token_id": tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["video_token"])}
+
+
+def save_checkpoint(model, processor: MiniCPMV4_6Processor, folder: Path) -> None:
+    """Save a random-weight model and its processor as an ordinary checkpoint folder; the
+    generation config stops on the tokenizer's EOS, as the engine and `generate` expect."""
+    tokenizer = processor.tokenizer
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
@@ -213,6 +226,5 @@ def _build_config(tokenizer):
         vision_config=vision_config,
         insert_layer_id=0,
         image_size=112,
-        image_token_id=tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["image_token"]),
-        video_token_id=tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["video_token"]),
+        **multimodal_token_ids(tokenizer),
     )
