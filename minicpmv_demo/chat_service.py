@@ -6,12 +6,16 @@ No Gradio here, so the OpenAI routes share exactly the same rules and limits as 
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from .chat_input import InputRules, build_conversation
+from .admission import RequestGate
+from .chat_input import InputError, InputRules, build_conversation
 from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
+from .engine.request import MAX_TEMPERATURE
 from .gpu import GpuMemory, describe_gpus, process_rss_mb
 from .images import ImageLimits
 from .settings import MAX_STREAM_INTERVAL, Settings
@@ -26,31 +30,45 @@ class ChatService:
         self.engine = engine
         self.settings = settings
         self.gpu = gpu
+        self.gate = RequestGate(settings.concurrency, settings.queue_size)
         self.rules = InputRules(
             image_limits=ImageLimits(max_file_bytes=int(settings.max_file_mb * 1024 * 1024)),
             max_images=settings.max_images,
             allowed_roots=(upload_root(), str(ASSETS)),
+            max_message_chars=settings.max_message_chars,
+            max_history_messages=settings.max_history_messages,
+            max_history_chars=settings.max_history_chars,
         )
 
     def params(self, max_new_tokens, temperature, top_p) -> SamplingParams:
-        """Clamp whatever a client sends to the server's limits."""
-        def number(value, default):
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return default
+        """Clamp what a client sends to the server's limits; refuse what is not a finite number.
+
+        Clamping keeps sliders and sloppy clients working (temperature 5 becomes 2), but a NaN
+        or an infinity has no nearest allowed value: it is refused with a message (InputError).
+        """
+        tokens = _finite("max new tokens", max_new_tokens, self.settings.default_new_tokens)
         return SamplingParams(
-            max_new_tokens=int(min(max(number(max_new_tokens, 512), 1), self.settings.max_new_tokens)),
-            temperature=min(max(number(temperature, 0.0), 0.0), 2.0),
-            top_p=min(max(number(top_p, 1.0), 0.01), 1.0),
+            max_new_tokens=int(min(max(tokens, 1), self.settings.max_new_tokens)),
+            temperature=min(max(_finite("temperature", temperature, 0.0), 0.0), MAX_TEMPERATURE),
+            top_p=min(max(_finite("top_p", top_p, 1.0), 0.01), 1.0),
         )
 
-    def submit(self, message, history, params: SamplingParams,
-               system_prompt: str = "") -> tuple[ReplyStream, list[str]]:
-        """Queue a reply; returns its stream and notices for the user. Raises InputError."""
-        conversation, notices = build_conversation(message, history, system_prompt=system_prompt or "",
-                                                   rules=self.rules)
-        stream = self.engine.submit(conversation, params)
+    def submit(self, message, history, params: SamplingParams, system_prompt: str = "", *,
+               exit_gate: Callable[[], None] | None = None) -> tuple[ReplyStream, list[str]]:
+        """Queue a reply; returns its stream and notices for the user. Raises InputError.
+
+        The request counts in `gate` until its reply ends: `exit_gate` when the caller waited
+        for its turn there (the API), else it is counted as already admitted (the page).
+        """
+        exit_gate = exit_gate or self.gate.enter_admitted()
+        try:
+            conversation, notices = build_conversation(message, history, system_prompt=system_prompt or "",
+                                                       rules=self.rules)
+            stream = self.engine.submit(conversation, params)
+        except BaseException:
+            exit_gate()
+            raise
+        stream.when_done(exit_gate)
         return stream, notices + stream.notices
 
     def current_stream_interval(self) -> float:
@@ -81,6 +99,19 @@ class ChatService:
         parts.append(f"batch {stats.batch_size}")
         parts.append(f"{stats.tokens} tokens · {stats.tokens_per_s:.1f} tok/s · {stats.seconds:.1f} s")
         return " · ".join(parts)
+
+
+def _finite(name: str, value, default: float) -> float:
+    """`value` as a finite float; None (not sent) gives `default`."""
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"The {name} setting must be a number, not {str(value)[:40]!r}.") from None
+    if not math.isfinite(number):
+        raise InputError(f"The {name} setting must be a finite number, not {value!r}.")
+    return number
 
 
 def upload_root() -> str:

@@ -54,9 +54,6 @@ class Conversation:
             object.__setattr__(self, "_digest", hasher.hexdigest())
         return self._digest
 
-    def without_oldest_exchange(self) -> Conversation:
-        """Drop the oldest user/assistant pair, to fit a long chat into the context window."""
-        turns = self.turns[1:]
-        while turns and turns[0].role != "user":
-            turns = turns[1:]
-        return Conversation(turns=turns, system_prompt=self.system_prompt)
+    def since(self, index: int) -> Conversation:
+        """The chat from turn `index` on (a user turn), to fit a long chat into the context."""
+        return Conversation(turns=self.turns[index:], system_prompt=self.system_prompt)

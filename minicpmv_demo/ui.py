@@ -17,7 +17,7 @@ import pandas as pd
 
 from .chat_input import InputError, content_parts, file_path
 from .chat_service import ASSETS, ChatService
-from .engine import Engine, ReplyError, ReplyStats, SamplingParams
+from .engine import Engine, ReplyError, ReplyStats
 from .gpu import GpuMemory, process_rss_mb
 from .model import LoadedModel
 from .monitor import ServerMonitor
@@ -41,14 +41,15 @@ EXAMPLES = [
 ]
 
 
-def stream_reply(service: ChatService, message, history, params: SamplingParams,
+def stream_reply(service: ChatService, message, history, sampling: tuple,
                  system_prompt: str = "") -> Iterator[tuple[str, ReplyStats | None]]:
     """Yield (text so far, stats when done), with problems shown as Gradio messages.
 
+    `sampling` is what the client sent as (max new tokens, temperature, top-p), checked here.
     Closing the iterator (stop button, closed tab) cancels the request in the engine.
     """
     try:
-        stream, notices = service.submit(message, history, params, system_prompt)
+        stream, notices = service.submit(message, history, service.params(*sampling), system_prompt)
     except InputError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
     try:
@@ -120,7 +121,7 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
             except InputError as exc:
                 raise gr.Error(str(exc), print_exception=False) from None
             yield shown, None
-            for text, stats in stream_reply(service, message, history, service.params(max_new, temp, p), system):
+            for text, stats in stream_reply(service, message, history, (max_new, temp, p), system):
                 reply = [{"role": "assistant", "content": text}]
                 if stats is not None:
                     reply.append({"role": "assistant", "content": "",
@@ -138,9 +139,8 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
 
         def chat_api(message, history, max_new_tokens, temperature, top_p):
             """Answer `message` ({"text", "files"}) after `history`; streams the partial reply."""
-            params = service.params(max_new_tokens, temperature, top_p)
             sent = None
-            for text, _ in stream_reply(service, message, history or [], params):
+            for text, _ in stream_reply(service, message, history or [], (max_new_tokens, temperature, top_p)):
                 if text != sent:  # the stats that come with the end change nothing here
                     sent = text
                     yield text
@@ -167,7 +167,7 @@ def _chat_column(settings: Settings) -> dict:
     chat_input = gr.MultimodalTextbox(
         placeholder="Ask about an image: drop or upload one or more, then type a question…",
         file_types=["image"], file_count="multiple", sources=["upload"], show_label=False,
-        elem_id="chat-input", max_plain_text_length=100_000)
+        elem_id="chat-input", max_plain_text_length=settings.max_message_chars)
     with gr.Row():
         stop_btn = gr.Button("Stop", elem_id="stop-btn", size="sm")
         retry_btn = gr.Button("Retry", elem_id="retry-btn", size="sm")

@@ -44,9 +44,10 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
                  stop_token_ids: frozenset[int]) -> Iterator[list[tuple[int, int]] | dict]:
     """Prefill `prompts` together and decode them to the end, in one GPU call.
 
-    Yields, per step, `(row, token)` for each row still running, and finally `{"peak_memory_mb":
-    ...}` measured here, where CUDA is real. A row ends on a stop token or its own
-    `max_new_tokens`; the engine stops reading when every row it still cares about is done.
+    Yields, per step, `(row, token)` for each row still running (token None: that row's logits
+    were unusable, and it ends there), and finally `{"peak_memory_mb": ...}` measured here, where
+    CUDA is real. A row ends on a stop token or its own `max_new_tokens`; the engine stops
+    reading when every row it still cares about is done.
     """
     import torch
 
@@ -60,12 +61,12 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
         alive = list(range(len(prompts)))
         counts = [0] * len(prompts)
         while alive:
-            tokens = sample_for(logits, [params[i] for i in alive], generator).tolist()
+            tokens = sample_for(logits, [params[i] for i in alive], generator).tokens
             yield list(zip(alive, tokens, strict=True))
             keep = []
             for position, (row, token) in enumerate(zip(alive, tokens, strict=True)):
                 counts[row] += 1
-                if token not in stop_token_ids and counts[row] < params[row].max_new_tokens:
+                if token is not None and token not in stop_token_ids and counts[row] < params[row].max_new_tokens:
                     keep.append(position)
             if not keep:
                 break

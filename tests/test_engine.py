@@ -87,6 +87,14 @@ def test_rows_finish_on_their_own_eos(make_engine, loaded_tiny):
     assert {reason for _, reason in expected} == {FinishReason.STOP, FinishReason.LENGTH}
     batched = [make_engine(eos_runner, max_batch=8).submit(c, GREEDY) for c in QUESTIONS]
     assert [(s.result(timeout=60), s.stats.finish_reason) for s in batched] == expected
+    for conversation, stream in zip(QUESTIONS, batched, strict=True):
+        prompt = eos_runner.encode(conversation)
+        with torch.inference_mode():
+            ids = model.generate(**prompt.inputs, max_new_tokens=GREEDY.max_new_tokens, do_sample=False)
+        shown = ids[0, prompt.length:].tolist()
+        if runner.tokenizer.eos_token_id in shown:
+            shown = shown[:shown.index(runner.tokenizer.eos_token_id)]
+        assert stream.stats.tokens == len(shown), "a reply counts the tokens it showed, not its stop token"
 
 
 def test_request_joins_a_running_batch_mid_generation(make_engine):

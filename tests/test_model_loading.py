@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ask
+from minicpmv_demo.conversation import Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.model import ModelLoadError, load_model
 from minicpmv_demo.model.tiny import build_word_tokenizer, ensure_tiny_model
@@ -121,6 +122,15 @@ def test_remote_code_model_needs_the_flag_then_runs_through_the_engine(tmp_path,
                for i in range(3)]
     assert [s.result(timeout=30).split() for s in streams] == [
         ["seen", "2", "images", "for", "question", str(i), "greedy"] for i in range(3)]
+    assert [s.stats.tokens for s in streams] == [7, 7, 7], "every piece chat() streamed is counted"
+    # A chat longer than the model's context loses its oldest exchanges here too.
+    loaded.runner.context_length = 2000
+    filler = " ".join(["the picture shows a house"] * 150)
+    history = tuple(Turn(role, filler) for _ in range(4) for role in ("user", "assistant"))
+    long_chat = make_engine(loaded.runner).submit(ask("and now?", "scene.png", history=history),
+                                                  SamplingParams(max_new_tokens=50))
+    assert long_chat.result(timeout=30) and "left out" in long_chat.notices[0]
+    assert loaded.runner.encode(ask("and now?", "scene.png", history=history)).length > 2000
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -26,6 +26,7 @@ import torch
 from ..conversation import Conversation
 from ..gpu import peak_memory_mb, reset_peak_memory
 from ..lru import LruCache
+from .context import ContextError, fit_to_context
 from .detokenizer import IncrementalDecoder
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from .sampling import sample_for
@@ -138,23 +139,16 @@ class Engine:
 
     def _fit_context(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream):
         """Leave out the oldest exchanges until the chat fits the model's context, and say so."""
-        prompt = self.runner.encode(conversation)
-        context = self.runner.context_length
-        dropped = 0
-        while prompt.length + params.max_new_tokens > context and len(conversation.turns) > 1:
-            conversation = conversation.without_oldest_exchange()
-            prompt = self.runner.encode(conversation)
-            dropped += 1
-        if prompt.length >= context:
-            stream.fail(f"This message is too long for the model ({prompt.length} tokens; the model "
-                        f"reads at most {context}). Please shorten it or use a smaller image.")
+        try:
+            fitted = fit_to_context(self.runner, conversation, params.max_new_tokens)
+        except ContextError as exc:
+            stream.fail(str(exc))
             return None, params
+        dropped = fitted.dropped_exchanges
         if dropped:
             stream.notices.append(f"The chat was too long for the model: the oldest {dropped} "
                                   f"exchange{'s' if dropped > 1 else ''} left out.")
-        if prompt.length + params.max_new_tokens > context:
-            params = replace(params, max_new_tokens=context - prompt.length)
-        return prompt, params
+        return fitted.prompt, replace(params, max_new_tokens=fitted.max_new_tokens)
 
     @property
     def active_rows(self) -> int:
@@ -198,6 +192,7 @@ class Engine:
             with self._wake:
                 while not self._rows and not self._waiting and not self._stopping:
                     self._wake.wait()
+            self._drop_cancelled_waiting()
             if self.batch_call is not None:
                 self._serve_in_one_call()
             elif self.runner.supports_batching:
@@ -206,6 +201,17 @@ class Engine:
                     self._step()
             else:
                 self._serve_one_serially()
+
+    def _drop_cancelled_waiting(self) -> None:
+        """End waiting requests whose clients left, without waiting for a free slot: their
+        place in the line (and in the API's count of requests) goes to others now."""
+        with self._lock:
+            if not any(row.stream.cancelled for row in self._waiting):
+                return
+            cancelled = [row for row in self._waiting if row.stream.cancelled]
+            self._waiting = deque(row for row in self._waiting if not row.stream.cancelled)
+        for row in cancelled:
+            self._finish(row, FinishReason.CANCELLED)
 
     def _next_waiting(self) -> _Row | None:
         with self._lock:
@@ -252,8 +258,7 @@ class Engine:
         batch, logits = self.runner.prefill([r.prompt for r in newcomers], [r.generated for r in newcomers])
         self._batch = self.runner.merge(self._batch, batch)
         self._rows.extend(newcomers)
-        for row, token in zip(newcomers, self._sample(logits, newcomers).tolist(), strict=True):
-            self._accept(row, token)
+        self._take_tokens(newcomers, logits)
         self._mark_batch_size()
         self._release_finished()
 
@@ -270,8 +275,7 @@ class Engine:
         if self._steps_since_oom >= STEPS_TO_RECOVER_CEILING and self.ceiling < self.max_batch:
             self.ceiling += 1
             self._steps_since_oom = 0
-        for row, token in zip(self._rows, self._sample(logits, self._rows).tolist(), strict=True):
-            self._accept(row, token)
+        self._take_tokens(self._rows, logits)
         self._release_finished()
 
     def _serve_one_serially(self) -> None:
@@ -316,12 +320,11 @@ class Engine:
                     continue
                 for index, token in event:
                     if rows[index].finish_reason is None and not rows[index].stream.cancelled:
-                        self._accept(rows[index], token)
+                        self._give(rows[index], token)
         except Exception as exc:  # noqa: BLE001 - the call's rows fail, the engine goes on
             log.warning("GPU call failed: %r", exc)
             for row in rows:
                 if row.finish_reason is None:
-                    row.finish_reason = FinishReason.ERROR
                     self._fail(row, _user_message(exc))
         finally:
             getattr(events, "close", lambda: None)()
@@ -332,17 +335,37 @@ class Engine:
                 self._finish(row, reason, peak)
 
     # -- per-token bookkeeping -----------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    def _take_tokens(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Give each row its sampled token; a row that cannot go on fails alone.
+
+        Whatever goes wrong for one row (unusable logits, a token its decoder cannot take)
+        ends that row with a message; the other rows' tokens of this step stand.
+        """
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(self._seed)
-        return sample_for(logits, [r.params for r in rows], self._generator)
+        sampled = sample_for(logits, [r.params for r in rows], self._generator)
+        for row, token in zip(rows, sampled.tokens, strict=True):
+            self._give(row, token)
+
+    def _give(self, row: _Row, token: int | None) -> None:
+        """One row's token of a step (None: its logits were unusable); its faults stay its own."""
+        if token is None:
+            log.warning("a row's logits were not usable (NaN or inf); failing that request alone")
+            self._fail(row, INVALID_OUTPUT_MESSAGE)
+            return
+        try:
+            self._accept(row, token)
+        except Exception:  # noqa: BLE001 - one row's fault must not end the others
+            log.exception("a row failed while taking its token; failing that request alone")
+            self._fail(row, "The model could not answer this request. Please try again.")
 
     def _accept(self, row: _Row, token: int) -> None:
-        row.generated.append(token)
+        """Hand `token` to `row`; a stop token ends the row without counting as generated text."""
         self._count_tokens(1)
         if token in self.runner.stop_token_ids:
             row.finish_reason = FinishReason.STOP
             return
+        row.generated.append(token)
         row.stream.append(row.decoder.push(token))
         if len(row.generated) >= row.params.max_new_tokens:
             row.finish_reason = FinishReason.LENGTH
@@ -366,7 +389,7 @@ class Engine:
                 row.finish_reason = FinishReason.CANCELLED
             if row.finish_reason is None:
                 keep.append(index)
-            else:
+            elif row.finish_reason != FinishReason.ERROR:  # a failed row's stream has ended already
                 self._finish(row, row.finish_reason)
         if len(keep) == len(self._rows):
             return
@@ -377,14 +400,15 @@ class Engine:
 
     def _finish(self, row: _Row, reason: FinishReason, peak_mb: float | None = None) -> None:
         seconds = time.perf_counter() - row.started_at if row.started_at else 0.0
-        tokens = len(row.generated) - (reason == FinishReason.STOP and bool(row.generated))
         peak = peak_mb if peak_mb is not None else peak_memory_mb()
-        row.stream.finish(ReplyStats(tokens=max(tokens, 0), seconds=seconds, batch_size=row.largest_batch,
+        row.stream.finish(ReplyStats(tokens=len(row.generated), seconds=seconds, batch_size=row.largest_batch,
                                      peak_memory_mb=peak, finish_reason=reason))
         if row.cache_key and reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.reply_cache.put(row.cache_key, row.stream.text)
 
     def _fail(self, row: _Row, message: str) -> None:
+        """End `row` with a message for its user; it leaves the batch at the next release."""
+        row.finish_reason = FinishReason.ERROR
         row.stream.fail(message)
 
     def _fail_all(self, message: str) -> None:
@@ -455,6 +479,8 @@ class Engine:
                     len(rows), self.ceiling)
 
 
+INVALID_OUTPUT_MESSAGE = ("The model produced invalid numbers for this request, so it was stopped. "
+                          "Please try again, perhaps with a lower temperature.")
 TOO_LARGE_MESSAGE = ("This request does not fit in the GPU memory, even alone. Try fewer or smaller "
                      "images, a shorter chat, or fewer new tokens.")
 

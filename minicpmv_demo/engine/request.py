@@ -6,6 +6,7 @@ reads from it on its own thread. The stream is the only thing the two share.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,15 +14,39 @@ from dataclasses import dataclass
 from enum import Enum
 
 
+# The widest sampling settings the engine takes (OpenAI's range for temperature).
+MAX_TEMPERATURE = 2.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """How one request is decoded. Checked when built: the engine's door for every client.
+
+    One row's NaN temperature would turn the whole batch's probabilities into NaN, so values
+    outside these ranges are refused here rather than clamped deep inside a decode step.
+    """
+
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, not {self.max_new_tokens!r}.")
+        if not _number_within(self.temperature, 0.0, MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {self.temperature!r}.")
+        if not _number_within(self.top_p, 0.0, 1.0) or self.top_p == 0:
+            raise ValueError(f"top_p must be a number above 0 and at most 1, not {self.top_p!r}.")
+
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+def _number_within(value: object, low: float, high: float) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value <= high)
 
 
 class FinishReason(str, Enum):
@@ -67,6 +92,7 @@ class ReplyStream:
         self._error: str | None = None
         self._cancelled = threading.Event()
         self._ended = threading.Event()  # set with the stats or the error; wakes a coalescing reader
+        self._end_callbacks: list[Callable[[], None]] = []
         self.notices: list[str] = []  # things the user should know, e.g. "oldest turns left out"
         self.submitted_at = time.perf_counter()
         self.first_text_at: float | None = None
@@ -86,12 +112,20 @@ class ReplyStream:
             self._stats = stats
             self._ended.set()
             self._changed.notify_all()
+        self._run_end_callbacks()
 
     def fail(self, message: str) -> None:
         with self._changed:
             self._error = message
             self._ended.set()
             self._changed.notify_all()
+        self._run_end_callbacks()
+
+    def _run_end_callbacks(self) -> None:
+        with self._changed:
+            callbacks, self._end_callbacks = self._end_callbacks, []
+        for callback in callbacks:
+            callback()
 
     @property
     def cancelled(self) -> bool:
@@ -101,6 +135,15 @@ class ReplyStream:
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (stop button, closed tab)."""
         self._cancelled.set()
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the reply has ended (at once if it has): an event loop can wait
+        for the end without a thread blocked on it. It runs on the engine thread: keep it short."""
+        with self._changed:
+            if not self.done:
+                self._end_callbacks.append(callback)
+                return
+        callback()
 
     @property
     def done(self) -> bool:

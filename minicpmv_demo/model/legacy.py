@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..conversation import Conversation
+from ..conversation import Conversation, Turn
 from ..engine.request import SamplingParams
 
 # The MiniCPM-V release's own sampling defaults for chat().
@@ -19,12 +19,16 @@ TOP_K = 100
 REPETITION_PENALTY = 1.05
 
 
+# Tokens the template adds around one message: an upper bound.
+MESSAGE_OVERHEAD = 16
+
+
 @dataclass
 class LegacyPrompt:
     msgs: list[dict]
     image: object | None
     system_prompt: str
-    length: int = 0
+    length: int  # estimated tokens, counted as `turn_length` counts them
 
 
 class LegacyRunner:
@@ -39,6 +43,10 @@ class LegacyRunner:
         # 2.5 takes one image beside the messages; 2.6 and later take images inside the content.
         self.images_in_content = float(getattr(model.config, "version", 2.5)) >= 2.6
         self.context_length = int(getattr(model.config, "max_position_embeddings", 8192))
+        # chat() turns each picture into up to max_slice_nums slices plus the whole, each read as
+        # query_num tokens (2.5: 96, 2.6: 64) between markers: count the most a picture can take.
+        slices = int(getattr(getattr(model.config, "slice_config", None), "max_slice_nums", 9)) + 1
+        self.image_tokens = slices * (int(getattr(model.config, "query_num", 96)) + 4)
 
     def encode(self, conversation: Conversation) -> LegacyPrompt:
         msgs, first_image = [], None
@@ -49,7 +57,16 @@ class LegacyRunner:
             else:
                 first_image = first_image or (pictures[0] if pictures else None)
                 msgs.append({"role": turn.role, "content": turn.text})
-        return LegacyPrompt(msgs=msgs, image=first_image, system_prompt=conversation.system_prompt)
+        length = sum(self.turn_length(turn) for turn in conversation.turns)
+        if conversation.system_prompt:
+            length += self.turn_length(Turn("user", conversation.system_prompt))
+        return LegacyPrompt(msgs=msgs, image=first_image, system_prompt=conversation.system_prompt, length=length)
+
+    def turn_length(self, turn: Turn) -> int:
+        """Tokens `turn` may take in chat()'s prompt; chat() builds its prompt itself, so pictures
+        are counted at the most they can take."""
+        text = len(self.tokenizer(turn.text, add_special_tokens=False)["input_ids"])
+        return text + MESSAGE_OVERHEAD + self.image_tokens * len(turn.images)
 
     def stream(self, prompt: LegacyPrompt, params: SamplingParams,
                cancelled: Callable[[], bool]) -> Iterator[str]:

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..conversation import Conversation
+from ..conversation import Conversation, Turn
 from ..lru import LruCache
 
 
+# Tokens the chat template adds around one message or picture (role markers, image ids): an
+# upper bound, so a chat measured turn by turn is never longer than counted.
+MESSAGE_OVERHEAD = 16
 # Preprocessed pictures (pixels and placeholder text) remembered by content digest.
 IMAGE_CACHE_SIZE = 64
 # Vision-tower outputs remembered per set of images: follow-up questions about the same
@@ -97,6 +100,14 @@ class NativeRunner:
         inputs["pixel_values"] = torch.cat([pixels for pixels, _, _ in parts], dim=-1)
         inputs["target_sizes"] = torch.cat([sizes for _, sizes, _ in parts])
         return Prompt(inputs=inputs, images_key="|".join(image.digest for image in images))
+
+    def turn_length(self, turn: Turn) -> int:
+        """Tokens `turn` takes in a prompt: its text, its pictures' placeholders, the template's
+        markers (MESSAGE_OVERHEAD, an upper bound). Fitting a long chat reads this, newest first."""
+        with self._encode_lock:
+            placeholders = [self._preprocessed(image)[2] for image in turn.images]
+            counts = self.tokenizer([turn.text, *placeholders], add_special_tokens=False)["input_ids"]
+        return sum(len(ids) for ids in counts) + MESSAGE_OVERHEAD * (1 + len(turn.images))
 
     def _preprocessed(self, image) -> tuple[torch.Tensor, torch.Tensor, str]:
         """One picture through the image processor: packed pixels, slice sizes, placeholder text."""
