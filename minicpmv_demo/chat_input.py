@@ -31,6 +31,9 @@ class InputRules:
     image_limits: ImageLimits
     max_images: int
     allowed_roots: tuple[str, ...]  # upload folders that files may come from
+    max_message_chars: int = 100_000
+    max_history_messages: int = 400
+    max_history_chars: int = 1_000_000
 
 
 def build_conversation(message: dict | str, history: Sequence[dict] | None, *, system_prompt: str,
@@ -39,9 +42,12 @@ def build_conversation(message: dict | str, history: Sequence[dict] | None, *, s
     text, files = _split_message(message)
     if not text.strip() and not files:
         raise InputError("Please type a question or attach an image.")
+    if len(text) > rules.max_message_chars:
+        raise InputError(f"The message is too long: {len(text):,} characters (the limit is "
+                         f"{rules.max_message_chars:,}). Please shorten it.")
     if len(files) > rules.max_images:
         raise InputError(f"Too many images in one message: {len(files)} (the limit is {rules.max_images}).")
-    turns = _history_turns(history or [], rules)
+    turns = _history_turns(_checked_history(history), rules)
     new_images = [_load(path, rules) for path in files]
     notices = [notice for image in new_images for notice in image.notices]
     turns.append(Turn(role="user", text=text.strip(), images=tuple(new_images)))
@@ -59,14 +65,31 @@ def _split_message(message: dict | str) -> tuple[str, list[str]]:
     return text, [file_path(item) for item in message.get("files") or []]
 
 
-def _history_turns(history: Iterable[dict], rules: InputRules) -> list[Turn]:
-    turns = []
+def _checked_history(history) -> list:
+    if history is None:
+        return []
+    if not isinstance(history, (list, tuple)):
+        raise InputError("The history must be a list of messages.")
+    return list(history)
+
+
+def _history_turns(history: list, rules: InputRules) -> list[Turn]:
+    """The earlier messages as turns, within the limits: a request carries at most so many
+    messages and characters, so no client can make the server read an unbounded history."""
+    if len(history) > rules.max_history_messages:
+        raise InputError(f"The chat is too long: {len(history):,} earlier messages (the limit is "
+                         f"{rules.max_history_messages:,}). Clear the chat or start a new one.")
+    turns, chars = [], 0
     for entry in history:
         if not isinstance(entry, dict) or entry.get("role") not in ("user", "assistant"):
             raise InputError("Each history entry needs a role ('user' or 'assistant') and content.")
         if entry.get("metadata"):
             continue  # display-only lines such as the GPU memory under a reply
         texts, paths = content_parts(entry.get("content"))
+        chars += sum(len(t) for t in texts)
+        if chars > rules.max_history_chars:
+            raise InputError(f"The chat is too long: its earlier messages hold over "
+                             f"{rules.max_history_chars:,} characters. Clear the chat or start a new one.")
         # The model never sees images "said" by the assistant, so they are not even opened.
         images = tuple(_load(path, rules) for path in paths) if entry["role"] == "user" else ()
         turns.append(Turn(role=entry["role"], text="\n".join(t for t in texts if t), images=images))

@@ -8,6 +8,7 @@ uploaded to this server (`.../gradio_api/file=<path>`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -17,18 +18,24 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import unquote, urlparse
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
+from .admission import Busy
 from .chat_input import InputError, content_parts
 from .chat_service import ChatService, upload_root
 from .engine import FinishReason, ReplyError, ReplyStream
 
 MAX_DATA_URL_BYTES = 30 * 1024 * 1024
+# Seconds a client told "busy" is asked to wait before trying again.
+RETRY_AFTER_S = 2
+# How often a request waiting for its reply checks that its client is still there.
+DISCONNECT_CHECK_S = 0.25
 
 
 class ApiError(Exception):
@@ -38,7 +45,12 @@ class ApiError(Exception):
 
 
 def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> None:
-    """Register the routes on the FastAPI app that Gradio runs."""
+    """Register the routes on the FastAPI app that Gradio runs.
+
+    The handlers are `async`: a request waiting for its turn or its reply holds no worker
+    thread (250 waiting clients must not starve `/health` or the page); only the reading of its
+    images and the encoding of its chat run on a thread.
+    """
 
     def models(request: Request) -> JSONResponse:
         try:
@@ -48,30 +60,87 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> No
         return JSONResponse({"object": "list", "data": [
             {"id": model_name, "object": "model", "created": 0, "owned_by": "minicpmv-demo"}]})
 
-    def chat_completions(request: Request, body: dict):
+    async def chat_completions(request: Request):
         try:
             _authorize(request, service)
-            # The same bound as Gradio's --queue-size: beyond it, "busy" instead of a long wait.
-            if service.engine.state()["queue_depth"] >= service.settings.queue_size:
-                raise ApiError(503, "The server is busy. Please try again.", "server_busy")
-            stream = _submit(service, body)
+            body = await _json_body(request)
+            streaming = _options(body)
+            exit_gate = await service.gate.enter()
+        except Busy:
+            return _error(ApiError(503, "The server is busy. Please try again in a moment.", "server_busy"),
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+        except ApiError as exc:
+            return _error(exc)
+        try:
+            stream = await anyio.to_thread.run_sync(_submit, service, body, exit_gate)
         except ApiError as exc:
             return _error(exc)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.get("stream"):
+        if streaming:
             # The background task also runs when the client hangs up before the first chunk.
-            return StreamingResponse(_sse(stream, completion_id, model_name, service),
+            return StreamingResponse(_sse(stream, completion_id, model_name, service, request),
                                      media_type="text/event-stream", background=BackgroundTask(stream.cancel))
         try:
-            text = stream.result()
+            if not await _ended(stream, request):
+                return _error(ApiError(499, "The client closed the request.", "cancelled"))
+            text = stream.result(timeout=0)
         except ReplyError as exc:
             return _error(ApiError(500, str(exc), "server_error"))
         finally:
-            stream.cancel()
+            stream.cancel()  # no-op once finished; frees the row of a client that left
         return JSONResponse(_completion(completion_id, model_name, text, stream))
 
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "The request body must be JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _options(body: dict) -> bool:
+    """Check the options this server reads besides the messages; returns whether to stream."""
+    streaming = body.get("stream", False)
+    if not isinstance(streaming, bool) and streaming is not None:
+        raise ApiError(400, "'stream' must be true or false.")
+    choices = body.get("n", 1)
+    if choices not in (None, 1) or isinstance(choices, bool):
+        raise ApiError(400, f"'n' must be 1: this server returns one choice per request (got {choices!r}).")
+    return bool(streaming)
+
+
+class _EndSignal:
+    """The reply's end, awaitable on the event loop: a waiting request holds no thread."""
+
+    def __init__(self, stream: ReplyStream) -> None:
+        loop = asyncio.get_running_loop()
+        self._ended = asyncio.Event()
+        stream.when_done(lambda: loop.call_soon_threadsafe(self._ended.set))
+
+    async def wait(self, seconds: float) -> bool:
+        """Whether the reply ended within `seconds`."""
+        try:
+            await asyncio.wait_for(self._ended.wait(), seconds)
+        except TimeoutError:
+            pass
+        return self._ended.is_set()
+
+
+async def _ended(stream: ReplyStream, request: Request) -> bool:
+    """Wait for the reply's end; False (and the request cancelled) if the client hung up
+    first, so its row does not go on generating for nobody."""
+    end = _EndSignal(stream)
+    while not await end.wait(DISCONNECT_CHECK_S):
+        if await request.is_disconnected():
+            stream.cancel()
+            return False
+    return True
 
 
 def _authorize(request: Request, service: ChatService) -> None:
@@ -91,13 +160,27 @@ def _authorize(request: Request, service: ChatService) -> None:
         raise ApiError(401, "Missing or wrong API key: use the password given with --auth.", "authentication_error")
 
 
-def _submit(service: ChatService, body: dict) -> ReplyStream:
+def _submit(service: ChatService, body: dict, exit_gate: Callable[[], None]) -> ReplyStream:
+    """Read the messages (images decoded, chat encoded) and queue the reply; runs on a thread.
+
+    `exit_gate` is called when the reply ends, or at once if it never starts.
+    """
+    try:
+        return _read_and_submit(service, body, exit_gate)
+    except BaseException:
+        exit_gate()
+        raise
+
+
+def _read_and_submit(service: ChatService, body: dict, exit_gate: Callable[[], None]) -> ReplyStream:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list.")
-    params = service.params(body.get("max_tokens") or body.get("max_completion_tokens")
-                            or service.settings.default_new_tokens,
-                            body.get("temperature", 1.0), body.get("top_p", 1.0))
+    try:
+        params = service.params(_first_given(body, "max_tokens", "max_completion_tokens"),
+                                body.get("temperature", 1.0), body.get("top_p", 1.0))
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
     scratch = tempfile.mkdtemp(prefix="openai-", dir=_scratch_root())
     try:
         system, history = [], []
@@ -108,18 +191,23 @@ def _submit(service: ChatService, body: dict) -> ReplyStream:
             elif role in ("user", "assistant"):
                 history.append({"role": role, "content": _parts(message.get("content"), scratch)})
             else:
-                raise ApiError(400, f"Unsupported message role: {role!r}.")
+                raise ApiError(400, f"Unsupported message role: {str(role)[:40]!r}.")
         if not history or history[-1]["role"] != "user":
             raise ApiError(400, "The last message must be the user's.")
         texts, files = content_parts(history.pop()["content"])
         question = {"text": "\n".join(texts), "files": files}
         try:
-            stream, _ = service.submit(question, history, params, "\n".join(system))
+            stream, _ = service.submit(question, history, params, "\n".join(system), exit_gate=exit_gate)
         except InputError as exc:
             raise ApiError(400, str(exc)) from None
         return stream
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # images are decoded into memory by now
+
+
+def _first_given(body: dict, *names: str):
+    """The first of `names` the client sent (None when none was): 0 is sent, not missing."""
+    return next((body[name] for name in names if body.get(name) is not None), None)
 
 
 def _scratch_root() -> str:
@@ -130,11 +218,19 @@ def _scratch_root() -> str:
 
 
 def _text_only(content) -> str:
-    if isinstance(content, str):
-        return content
+    """A system message's text: a string, or the text parts of a list."""
+    if content is None or isinstance(content, str):
+        return content or ""
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
+        return "\n".join(_part_text(part) for part in content if isinstance(part, dict) and part.get("type") == "text")
+    raise ApiError(400, "A system message's content must be a string or a list of text parts.")
+
+
+def _part_text(part: dict) -> str:
+    text = part.get("text", "")
+    if not isinstance(text, str):
+        raise ApiError(400, "A text part's 'text' must be a string.")
+    return text
 
 
 def _parts(content, scratch: str) -> list[dict]:
@@ -147,12 +243,15 @@ def _parts(content, scratch: str) -> list[dict]:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": str(part.get("text", ""))})
+            parts.append({"type": "text", "text": _part_text(part)})
         elif kind == "image_url":
-            url = (part.get("image_url") or {}).get("url", "")
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else None
+            if not isinstance(url, str):
+                raise ApiError(400, "An image_url part must look like {\"image_url\": {\"url\": \"data:image/png;base64,...\"}}.")
             parts.append({"type": "file", "file": {"path": _image_path(url, scratch)}})
         else:
-            raise ApiError(400, f"Unsupported content part: {kind!r} (use 'text' or 'image_url').")
+            raise ApiError(400, f"Unsupported content part: {str(kind)[:40]!r} (use 'text' or 'image_url').")
     return parts
 
 
@@ -176,8 +275,13 @@ def _image_path(url: str, scratch: str) -> str:
     raise ApiError(400, "image_url must be a data: URL or the URL of a file uploaded to this server.")
 
 
-def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatService) -> Iterator[str]:
-    """Server-sent events in OpenAI's chunk format; a client that hangs up cancels the request."""
+async def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatService,
+               request: Request) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a client that hangs up cancels the request.
+
+    Tokens are coalesced like the page's (one chunk per stream interval at most); the end is
+    sent as soon as it happens.
+    """
     created = int(time.time())
 
     def chunk(delta: dict, finish: str | None = None) -> str:
@@ -186,11 +290,20 @@ def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatServi
         return f"data: {json.dumps(body)}\n\n"
 
     sent = ""
+    end = _EndSignal(stream)
     try:
         yield chunk({"role": "assistant", "content": ""})
-        for text in stream.updates(service.current_stream_interval):
-            yield chunk({"content": text[len(sent):]})
-            sent = text
+        while True:
+            ended = await end.wait(service.current_stream_interval())
+            if await request.is_disconnected():
+                return  # the client left: `finally` frees its row
+            text = stream.text
+            if text != sent:
+                yield chunk({"content": text[len(sent):]})
+                sent = text
+            if ended:
+                break
+        stream.result(timeout=0)  # raises the engine's error, if any
         yield chunk({}, _finish_reason(stream))
     except ReplyError as exc:
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
@@ -212,5 +325,6 @@ def _completion(completion_id: str, model: str, text: str, stream: ReplyStream) 
             "usage": {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}}
 
 
-def _error(exc: ApiError) -> JSONResponse:
-    return JSONResponse({"error": {"message": str(exc), "type": exc.kind}}, status_code=exc.status)
+def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": str(exc), "type": exc.kind}}, status_code=exc.status,
+                        headers=headers)

@@ -52,6 +52,13 @@ class Settings:
     default_new_tokens: int = field(default=512, metadata={"help": "initial value of the slider"})
     max_images: int = field(default=4, metadata={"help": "most images in one message"})
     max_file_mb: float = field(default=20.0, metadata={"help": "largest upload accepted"})
+    max_message_chars: int = field(default=100_000, metadata={"help": "longest message text accepted"})
+    max_history_messages: int = field(
+        default=400, metadata={"help": "most earlier messages a request may carry (the page shows each "
+                                       "picture as a message of its own)"})
+    max_history_chars: int = field(
+        default=1_000_000, metadata={"help": "most characters of text in a request's earlier messages "
+                                           "(about the 262k tokens MiniCPM-V 4.6 reads)"})
     stream_interval: float = field(
         default=0.03, metadata={"help": "least seconds between one reply's streamed updates (coalesces tokens)"})
     max_stream_updates: float = field(
@@ -149,7 +156,7 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     """Refuse settings that would only fail later, with the flag's name in the message."""
     problems = []
     for name in ("max_batch", "concurrency", "queue_size", "max_new_tokens", "default_new_tokens",
-                 "max_images"):
+                 "max_images", "max_message_chars", "max_history_messages", "max_history_chars"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.torch_threads < 0:

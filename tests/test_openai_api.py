@@ -11,7 +11,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import ask as conversation
+from conftest import wait_until
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.server import build_app
 
@@ -25,7 +25,7 @@ def data_url(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(tiny_settings, loaded_tiny):
-    app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=64, auth="ann:pw"), loaded_tiny)
+    app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=1024, auth="ann:pw"), loaded_tiny)
     _, url, _ = app.launch(server_port=None, quiet=True)
     yield app, url
     app.close()
@@ -71,7 +71,8 @@ def test_api_and_ui_users_share_one_engine_and_batch(served):
     threading.Thread(target=watch, daemon=True).start()
     gradio = Client(url, auth=("ann", "pw"), verbose=False)
     job = gradio.submit(message={"text": "Describe it", "files": [handle_file(str(ASSETS / "scene.png"))]},
-                        history=[], max_new_tokens=64, temperature=0, top_p=1, api_name="/chat")
+                        history=[], max_new_tokens=1024, temperature=0, top_p=1, api_name="/chat")
+    assert wait_until(lambda: app.engine.state()["batch_size"] == 1), "the page's request is generating"
     reply = client_for(url).chat.completions.create(model="tiny", messages=ask("And this?", "receipt.png"),
                                                      max_tokens=64, temperature=0)
     assert job.result(timeout=60) and reply.choices[0].message.content
@@ -95,16 +96,23 @@ def test_bad_requests_get_clear_errors(served):
 
 
 def test_busy_beyond_the_queue_size(tiny_settings, loaded_tiny):
-    app = build_app(replace(tiny_settings, cache_size=0, max_batch=1, queue_size=1, max_new_tokens=1024),
-                    loaded_tiny)
+    """--concurrency 1 and --queue-size 1 hold for the API too: one runs, one waits, one is told
+    to come back later (503 with Retry-After), and the waiting one is answered in its turn."""
+    app = build_app(replace(tiny_settings, cache_size=0, max_batch=1, concurrency=1, queue_size=1,
+                            max_new_tokens=1024), loaded_tiny)
     _, url, _ = app.launch(server_port=None, quiet=True)
     try:
-        long = SamplingParams(max_new_tokens=1024)
-        running, waiting = (app.engine.submit(conversation(f"story {i}"), long) for i in range(2))
-        with pytest.raises(openai.InternalServerError, match="busy"):
+        running, _ = app.service.submit({"text": "a long story", "files": []}, [], SamplingParams(max_new_tokens=1024))
+        waiting = threading.Thread(target=lambda: client_for(url, key="none").chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4))
+        waiting.start()
+        assert wait_until(lambda: app.service.gate.waiting == 1)
+        with pytest.raises(openai.InternalServerError, match="busy") as refused:
             client_for(url, key="none").chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert refused.value.response.status_code == 503 and refused.value.response.headers["retry-after"]
         running.cancel()
-        waiting.cancel()
+        waiting.join(60)
+        assert wait_until(lambda: app.service.gate.inside == 0)
     finally:
         app.close()
