@@ -56,6 +56,10 @@ class App:
             "max_file_size": int(settings.max_file_mb * 1024 * 1024),
             # A streaming event holds a worker thread for its whole reply.
             "max_threads": settings.concurrency + 16,
+            # Refusals raised inside Gradio itself (a file path that was never uploaded, a value
+            # a component cannot read) reach the client with their text instead of a bare "Error".
+            # Our own handlers turn every failure into a message of their own.
+            "show_error": True,
         }
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)

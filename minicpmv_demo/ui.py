@@ -104,7 +104,9 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
         with gr.Group(visible=False):
             api_message = gr.MultimodalTextbox(file_count="multiple", file_types=["image"])
             api_history = gr.JSON()
-            api_max_new_tokens = gr.Number(precision=0)
+            # No `precision`: Gradio's rounding would refuse "abc" with a bare "Error"; the
+            # service checks every setting and says what is wrong.
+            api_max_new_tokens = gr.Number()
             api_temperature = gr.Number()
             api_top_p = gr.Number()
             api_reply = gr.Textbox()

@@ -40,6 +40,13 @@ def test_message_files_must_be_uploads(open_app):
         stream = call_raw(url, [{"text": "read it", "files": [{"path": path, "meta": {"_type": "gradio.FileData"}}]},
                                 [], 8, 0, 1])
         assert "event: error" in stream and "root:" not in stream
+        assert "not uploaded by a user" in stream, "the refusal says why, not a bare 'Error'"
+
+
+def test_settings_gradio_cannot_read_get_a_message(open_app):
+    _, url = open_app
+    stream = call_raw(url, [{"text": "hi", "files": []}, [], "abc", 0, 1])
+    assert "event: error" in stream and "max new tokens setting must be a number" in stream
 
 
 def test_history_files_must_be_uploads(open_app):
