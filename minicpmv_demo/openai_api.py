@@ -34,6 +34,8 @@ from .engine import FinishReason, ReplyError, ReplyStream
 MAX_DATA_URL_BYTES = 30 * 1024 * 1024
 # Seconds a client told "busy" is asked to wait before trying again.
 RETRY_AFTER_S = 2
+# Threads that read and encode API requests at once.
+READER_THREADS = 4
 # How often a request waiting for its reply checks that its client is still there.
 DISCONNECT_CHECK_S = 0.25
 
@@ -51,6 +53,10 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> No
     thread (250 waiting clients must not starve `/health` or the page); only the reading of its
     images and the encoding of its chat run on a thread.
     """
+
+    # Reading images and encoding chats is CPU work under one interpreter lock: a few threads do
+    # it as fast as many, and leave the server's other threads (and /health) room to answer.
+    readers = anyio.CapacityLimiter(READER_THREADS)
 
     def models(request: Request) -> JSONResponse:
         try:
@@ -72,7 +78,7 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> No
         except ApiError as exc:
             return _error(exc)
         try:
-            stream = await anyio.to_thread.run_sync(_submit, service, body, exit_gate)
+            stream = await anyio.to_thread.run_sync(_submit, service, body, exit_gate, limiter=readers)
         except ApiError as exc:
             return _error(exc)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
