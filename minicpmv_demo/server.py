@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import gradio as gr
 import torch
 from fastapi.responses import JSONResponse
+from starlette.middleware import Middleware
 
 from .chat_service import ChatService
 from .engine import Engine
 from .gpu import GpuMemory
+from .http_guard import HttpGuard
 from .model import LoadedModel, load_model
 from .monitor import ServerMonitor
 from .openai_api import add_openai_routes
@@ -56,6 +58,12 @@ class App:
             "max_file_size": int(settings.max_file_mb * 1024 * 1024),
             # A streaming event holds a worker thread for its whole reply.
             "max_threads": settings.concurrency + 16,
+            # Given to FastAPI when Gradio creates the app: Starlette builds its middleware stack on
+            # the first request, which launch() itself makes, so add_middleware() after it raises.
+            "app_kwargs": {"middleware": [Middleware(HttpGuard, settings=settings)]},
+            # Static-file worker processes (GRADIO_NUM_WORKERS, behind SSR's proxy) would take
+            # uploads around the guard.
+            "num_workers": 0,
         }
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
