@@ -68,17 +68,22 @@ class App:
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
-        add_openai_routes(launched[0], self.service, self.loaded.model_id)
+        add_openai_routes(launched[0], self.service, self.loaded.public_name)
         if block:
             self.demo.block_thread()
         return launched
 
     def health(self) -> JSONResponse:
-        """Plain HTTP, outside the queue and auth, for load balancers and uptime checks."""
+        """Plain HTTP, outside the queue and auth, for load balancers and uptime checks.
+
+        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo.
+        """
         state = self.engine.state()
-        body = {"status": "ok" if state["alive"] else "engine down", "model": self.loaded.model_id,
-                "model_loaded": True, "engine_alive": state["alive"], "queue_depth": state["queue_depth"],
-                "batch_size": state["batch_size"], "engine_restarts": state["restarts"]}
+        body = {"status": "ok" if state["alive"] else "engine down"}
+        if self.settings.auth_pair is None:
+            body |= {"model": self.loaded.public_name, "model_loaded": True, "engine_alive": state["alive"],
+                     "queue_depth": state["queue_depth"], "batch_size": state["batch_size"],
+                     "engine_restarts": state["restarts"]}
         return JSONResponse(body, status_code=200 if state["alive"] else 503)
 
     def close(self) -> None:

@@ -172,3 +172,15 @@ def test_wrong_api_keys_count_as_failed_logins(locked):
         assert codes == [401] * app.settings.login_failures
         blocked = guesser.post(f"{url}v1/chat/completions", headers=KEY, json={"messages": []})
         assert blocked.status_code == 429 and int(blocked.headers["Retry-After"]) > 0
+
+
+def test_health_tells_strangers_only_the_status(locked, open_app):
+    _, url = locked
+    response = httpx.get(f"{url}health", timeout=10)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    app, open_url = open_app
+    body = httpx.get(f"{open_url}health", timeout=10).json()
+    name = Path(app.loaded.model_id).name
+    assert body["status"] == "ok" and body["model"] == name
+    assert app.loaded.model_id not in response.text + str(body)
+    assert httpx.get(f"{open_url}v1/models", timeout=10).json()["data"][0]["id"] == name
