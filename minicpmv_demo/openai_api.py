@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ from .admission import Busy
 from .chat_input import InputError, content_parts
 from .chat_service import ChatService, upload_root
 from .engine import FinishReason, ReplyError, ReplyStream
+from .http_guard import api_key_ok
 
 MAX_DATA_URL_BYTES = 30 * 1024 * 1024
 # Seconds a client told "busy" is asked to wait before trying again.
@@ -150,19 +150,10 @@ async def _ended(stream: ReplyStream, request: Request) -> bool:
 
 
 def _authorize(request: Request, service: ChatService) -> None:
-    """With --auth, accept `Bearer <password>`, `Bearer user:password` or HTTP Basic."""
+    """With --auth, the API key. `HttpGuard` checks it already, before the body is read; this
+    check keeps the routes closed on an app without the guard."""
     pair = service.settings.auth_pair
-    if pair is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, credential = header.partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            credential = base64.b64decode(credential).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            credential = ""
-    accepted = (pair[1], f"{pair[0]}:{pair[1]}")
-    if not any(secrets.compare_digest(credential.encode(), ok.encode()) for ok in accepted):
+    if pair is not None and not api_key_ok(request.headers.get("authorization", ""), pair):
         raise ApiError(401, "Missing or wrong API key: use the password given with --auth.", "authentication_error")
 
 

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import gradio as gr
 import torch
 from fastapi.responses import JSONResponse
+from starlette.middleware import Middleware
 
 from .chat_service import ChatService
 from .engine import Engine
 from .gpu import GpuMemory
+from .http_guard import HttpGuard
 from .model import LoadedModel, load_model
 from .monitor import ServerMonitor
 from .openai_api import add_openai_routes
@@ -61,11 +63,17 @@ class App:
             # a component cannot read) reach the client with their text instead of a bare "Error".
             # Our own handlers turn every failure into a message of their own.
             "show_error": True,
+            # Given to FastAPI when Gradio creates the app: Starlette builds its middleware stack on
+            # the first request, which launch() itself makes, so add_middleware() after it raises.
+            "app_kwargs": {"middleware": [Middleware(HttpGuard, settings=settings)]},
+            # Static-file worker processes (GRADIO_NUM_WORKERS, behind SSR's proxy) would take
+            # uploads around the guard.
+            "num_workers": 0,
         }
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
-        add_openai_routes(launched[0], self.service, self.loaded.model_id)
+        add_openai_routes(launched[0], self.service, self.loaded.public_name)
         # Everything built so far (model, tokenizer, Gradio's app: millions of objects) lives as
         # long as the server. Frozen, the collector stops rescanning it: a full collection
         # during a burst of requests took ~300 ms on the tiny model and stalled every request.
@@ -77,12 +85,16 @@ class App:
     async def health(self) -> JSONResponse:
         """Plain HTTP, outside the queue and auth, for load balancers and uptime checks.
 
+        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo.
         `async` on purpose: it reads counters only, so it answers on the event loop even while
-        every worker thread is busy."""
+        every worker thread is busy.
+        """
         state = self.engine.state()
-        body = {"status": "ok" if state["alive"] else "engine down", "model": self.loaded.model_id,
-                "model_loaded": True, "engine_alive": state["alive"], "queue_depth": state["queue_depth"],
-                "batch_size": state["batch_size"], "engine_restarts": state["restarts"]}
+        body = {"status": "ok" if state["alive"] else "engine down"}
+        if self.settings.auth_pair is None:
+            body |= {"model": self.loaded.public_name, "model_loaded": True, "engine_alive": state["alive"],
+                     "queue_depth": state["queue_depth"], "batch_size": state["batch_size"],
+                     "engine_restarts": state["restarts"]}
         return JSONResponse(body, status_code=200 if state["alive"] else 503)
 
     def close(self) -> None:

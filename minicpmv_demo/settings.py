@@ -59,6 +59,11 @@ class Settings:
     max_history_chars: int = field(
         default=1_000_000, metadata={"help": "most characters of text in a request's earlier messages "
                                            "(about the 262k tokens MiniCPM-V 4.6 reads)"})
+    max_body_mb: float = field(
+        default=40.0, metadata={"help": "largest request body other than an upload (OpenAI API calls, the "
+                                        "page's messages), refused with 413 before it is read; 40 MB holds the "
+                                        "4 images a message may carry as base64 data URLs of typical photos "
+                                        "(up to about 7 MB each, a third larger in base64)"})
     stream_interval: float = field(
         default=0.03, metadata={"help": "least seconds between one reply's streamed updates (coalesces tokens)"})
     max_stream_updates: float = field(
@@ -73,6 +78,9 @@ class Settings:
     port: int = field(default=0, metadata={"help": "port to listen on; 0 = GRADIO_SERVER_PORT or 7860"})
     share: bool = field(default=False, metadata={"help": "create a public gradio.live link"})
     auth: str = field(default="", metadata={"help": "user:password required for the UI and the API"})
+    login_failures: int = field(
+        default=5, metadata={"help": "failed logins (page or API key) one client address may make within "
+                                     "60 s; its further attempts get HTTP 429 until they are older than that"})
     seed: int = field(default=0, metadata={"help": "seed for sampling (temperature > 0)"})
     torch_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch; 0 = auto (1 for the tiny model, whose "
@@ -156,7 +164,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     """Refuse settings that would only fail later, with the flag's name in the message."""
     problems = []
     for name in ("max_batch", "concurrency", "queue_size", "max_new_tokens", "default_new_tokens",
-                 "max_images", "max_message_chars", "max_history_messages", "max_history_chars"):
+                 "max_images", "max_message_chars", "max_history_messages", "max_history_chars",
+                 "login_failures"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.torch_threads < 0:
@@ -169,6 +178,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--panel-interval must be positive")
     if settings.max_file_mb <= 0:
         problems.append("--max-file-mb must be positive")
+    if settings.max_body_mb <= 0:
+        problems.append("--max-body-mb must be positive")
     try:
         _ = settings.auth_pair  # raises ValueError when it is not user:password
     except ValueError as exc:

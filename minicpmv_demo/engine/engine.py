@@ -382,19 +382,25 @@ class Engine:
             row.largest_batch = max(row.largest_batch, len(self._rows))
 
     def _release_finished(self) -> None:
-        """Let finished and cancelled rows leave the batch; the rest keep their order."""
+        """Let finished and cancelled rows leave the batch; the rest keep their order.
+
+        Rows leave the batch before their replies end: whoever waits on an ending reply (the
+        admission gate hands its place to the next request) finds the batch without it.
+        """
         keep = []
         for index, row in enumerate(self._rows):
-            if row.stream.cancelled:
+            if row.finish_reason is None and row.stream.cancelled:
                 row.finish_reason = FinishReason.CANCELLED
             if row.finish_reason is None:
                 keep.append(index)
-            elif row.finish_reason != FinishReason.ERROR:  # a failed row's stream has ended already
-                self._finish(row, row.finish_reason)
         if len(keep) == len(self._rows):
             return
+        leaving = [row for row in self._rows if row.finish_reason is not None]
         self._batch = self.runner.select(self._batch, keep)
         self._rows = [self._rows[i] for i in keep]
+        for row in leaving:
+            if row.finish_reason != FinishReason.ERROR:  # a failed row's stream has ended already
+                self._finish(row, row.finish_reason)
         if not self._rows:
             self._after_idle()
 

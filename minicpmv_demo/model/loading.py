@@ -42,6 +42,12 @@ class LoadedModel:
     quantization: str
 
     @property
+    def public_name(self) -> str:
+        """The name strangers may see: a local folder's base name, not where it lies on this machine."""
+        path = Path(self.model_id).expanduser()
+        return path.name if path.is_dir() else self.model_id
+
+    @property
     def description(self) -> str:
         precision = self.quantization if self.quantization != "none" else self.dtype
         return f"{self.model_id} · {precision} · {self.device}"
