@@ -190,7 +190,8 @@ def leaked(result: dict) -> bool:
 
 
 @contextmanager
-def launched_app(concurrency: int, tiny_model_dir: str = "") -> Iterator[tuple[str, int]]:
+def launched_app(concurrency: int, tiny_model_dir: str = "",
+                 extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
     """The tiny-model app in its own process (so its memory and threads are its own), on loopback."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -199,6 +200,7 @@ def launched_app(concurrency: int, tiny_model_dir: str = "") -> Iterator[tuple[s
                "--max-new-tokens", "128", "--concurrency", str(concurrency)]
     if tiny_model_dir:
         command += ["--tiny-model-dir", tiny_model_dir]
+    command += extra_args
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     try:

@@ -168,6 +168,30 @@ def test_a_long_history_is_trimmed_with_one_encode_of_what_fits(make_engine, loa
     assert runner.encode(conversation.since(len(conversation.turns) - kept)).length <= runner.context_length
 
 
+def test_a_long_prompt_is_prefilled_in_pieces_while_the_batch_goes_on(make_engine):
+    """A chat that fills the context arrives while another reply streams: it is prefilled a piece at
+    a time with decode steps for the other between pieces, and answers what it answers alone."""
+    from minicpmv_demo.engine.engine import PREFILL_PIECE_TOKENS
+
+    history = long_history(12, 1200)
+    long_chats = [ask("And now?", history=history), ask("And this one?", "scene.png", history=history)]
+    solo = make_engine(max_batch=1)
+    expected = [solo.submit(chat, GREEDY).result(timeout=60) for chat in long_chats]
+    assert solo.runner.encode(long_chats[0]).length > 4 * PREFILL_PIECE_TOKENS
+    solo.shutdown()
+    engine = make_engine(max_batch=4)
+    running = engine.submit(QUESTIONS[0], SamplingParams(max_new_tokens=2000))
+    assert wait_until(lambda: len(running.text.split()) > 2)
+    for chat, reply in zip(long_chats, expected, strict=True):
+        words_before = len(running.text.split())
+        stream = engine.submit(chat, GREEDY)
+        assert wait_until(lambda: stream.first_text_at is not None, timeout=30)
+        assert len(running.text.split()) - words_before >= 3, "the running reply went on between the pieces"
+        assert stream.result(timeout=60) == reply
+    running.cancel()
+    assert wait_until(lambda: engine.state()["batch_size"] == 0)
+
+
 def test_the_newest_message_alone_too_long_is_refused(make_engine, loaded_tiny):
     engine = make_engine(max_batch=1)
     too_long = ask("x " * 6000, history=long_history(4, 100))

@@ -47,6 +47,17 @@ class Prompt:
 
 
 @dataclass
+class PartialPrefill:
+    """A long prompt being prefilled piece by piece: its ids and the cache of the part done."""
+
+    prompt: Prompt
+    ids: list[int]
+    images: tuple[int, int] | None  # [first, last + 1) of the picture placeholders: never split
+    done: int = 0
+    cache: object = None
+
+
+@dataclass
 class Batch:
     """The running rows' shared state: transformers cache, attention mask [B, T]."""
 
@@ -141,6 +152,39 @@ class NativeRunner:
             extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         out = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                **extra)
+        logits = self.model.lm_head(out.last_hidden_state[:, -1, :]).float()
+        return Batch(cache=out.cache, mask=mask), logits
+
+    def begin_prefill(self, prompt: Prompt, generated: list[int]) -> PartialPrefill:
+        """Start prefilling one long prompt a piece at a time (see `prefill_some`)."""
+        ids = self._row_ids(prompt, generated)
+        image_at = [i for i, token in enumerate(ids) if token == self.model.config.image_token_id]
+        return PartialPrefill(prompt=prompt, ids=ids, images=(image_at[0], image_at[-1] + 1) if image_at else None)
+
+    @torch.inference_mode()
+    def prefill_some(self, partial: PartialPrefill, tokens: int) -> tuple[Batch, torch.Tensor] | None:
+        """Prefill the next `tokens` tokens of `partial` on top of what it holds; returns the batch
+        and next-token logits (as `prefill` does) once the whole prompt is in, else None.
+
+        The engine runs decode steps for the other rows between pieces, so one long prompt
+        delays them by a piece's time, not by the whole prompt's. The pictures' placeholders are
+        never split: the piece that reaches them takes them all, with their features.
+        """
+        start = partial.done
+        end = min(start + tokens, len(partial.ids))
+        extra = {}
+        if partial.images and start < partial.images[1] and end > partial.images[0]:
+            end = max(end, partial.images[1])
+            pooled = list(self._image_features(partial.prompt).pooler_output)
+            extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+        input_ids = torch.tensor([partial.ids[start:end]], device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None, :]
+        out = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                               cache=partial.cache, **extra)
+        partial.cache, partial.done = out.cache, end
+        if end < len(partial.ids):
+            return None
         logits = self.model.lm_head(out.last_hidden_state[:, -1, :]).float()
         return Batch(cache=out.cache, mask=mask), logits
 
