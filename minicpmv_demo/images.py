@@ -31,6 +31,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .pixel_budget import PixelBudget
+from .process_memory import trim
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def prepare_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) 
     image, size, frames_notice = _decode(path, name, limits)
     notices = [frames_notice] if frames_notice else []
     if image.size != size:
+        trim()  # the full-size picture is freed: what decoding it left in malloc goes back too
         notices.append(f"{name} was downscaled from {_size(size)} to {_size(image.size)}.")
     image, original = _pad_to_usable(image)
     if original:
