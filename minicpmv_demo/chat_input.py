@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .byte_size import byte_size
 from .conversation import Conversation, Turn
 from .images import ImageError, ImageLimits, PreparedImage, prepare_image
 from .lru import LruCache
@@ -174,5 +175,6 @@ def _file_digest(path: str) -> str:
 
 
 # Checked and normalised pictures by file content: a follow-up turn, or the same picture uploaded
-# again, is not decoded twice. At most ~5 MB each.
-_prepared: LruCache[PreparedImage] = LruCache(32)
+# again, is not decoded twice. 32 MB: four full 1344-px pictures (7.2 MB each in Pillow), a whole
+# message, or more smaller ones. It is what stays in memory after a burst of large uploads.
+_prepared: LruCache[PreparedImage] = LruCache(32 * 2**20, size=lambda prepared: byte_size(prepared.image))

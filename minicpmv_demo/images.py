@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from .pixel_budget import PixelBudget
+from .process_memory import trim
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,13 @@ MIN_SHORT_SIDE = 28
 MAX_ASPECT_RATIO = 20
 # 16/32-bit integer and float modes, which have no direct 8-bit RGB conversion worth using.
 DEEP_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+# EXIF orientations that turn the picture by a quarter (width and height swap).
+QUARTER_TURNS = frozenset({5, 6, 7, 8})
+# Pixels being decoded at once, all threads together: two pictures at the default 40 MP limit.
+# Decoding is CPU work and a demo server has few cores, so more at once would only wait in
+# memory. 80 MP are 320 MB in Pillow (4 bytes a pixel, RGB too), at most twice that while a
+# transparent picture is flattened: with a burst's other buffers, well under 1.5 GB.
+DECODING = PixelBudget(80_000_000)
 
 
 class ImageError(ValueError):
@@ -71,12 +81,11 @@ def prepare_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) 
     path = Path(path)
     name = path.name
     _check_file(path, name, limits)
-    image, frames_notice = _decode(path, name, limits)
+    image, size, frames_notice = _decode(path, name, limits)
     notices = [frames_notice] if frames_notice else []
-    image = _to_rgb(image)
-    image, original = _fit_within(image, limits.max_side)
-    if original:
-        notices.append(f"{name} was downscaled from {_size(original)} to {_size(image.size)}.")
+    if image.size != size:
+        trim()  # the full-size picture is freed: what decoding it left in malloc goes back too
+        notices.append(f"{name} was downscaled from {_size(size)} to {_size(image.size)}.")
     image, original = _pad_to_usable(image)
     if original:
         notices.append(f"{name} is very small or thin ({_size(original)}): "
@@ -95,18 +104,39 @@ def _check_file(path: Path, name: str, limits: ImageLimits) -> None:
         raise ImageError(f"{name} is {_megabytes(size)} MB; the limit is {_megabytes(limits.max_file_bytes)} MB.")
 
 
-def _decode(path: Path, name: str, limits: ImageLimits) -> tuple[Image.Image, str | None]:
-    """Decode the first frame, upright, after checking the header's size (so a bomb never gets
-    decoded); returns the image and a notice when other frames or pages were dropped."""
+def _decode(path: Path, name: str, limits: ImageLimits) -> tuple[Image.Image, tuple[int, int], str | None]:
+    """Decode the first frame as upright RGB, at most `max_side` on the longer side; returns it,
+    its full size upright, and a notice when other frames or pages were dropped.
+
+    The header's size is checked first (so a bomb never gets decoded). Full-size pixels exist
+    only in here, within the process-wide DECODING budget, and are turned upright in place and
+    converted only when needed: no extra copy of a large picture.
+    """
     with _unreadable_as_image_error(name, limits):
         opened = Image.open(path, formats=ALLOWED_FORMATS)
     with opened:
-        _check_dimensions(opened.size, name, limits)
+        size = opened.size
+        _check_dimensions(size, name, limits)
         with _unreadable_as_image_error(name, limits):
             notice = _frames_notice(opened, name)
             opened.seek(0)
-            opened.load()  # decode now: truncated data fails here, not inside the model
-            return ImageOps.exif_transpose(opened), notice
+            _draft(opened, limits.max_side)
+        with DECODING.reserve(opened.width * opened.height):
+            with _unreadable_as_image_error(name, limits):
+                opened.load()  # decode now: truncated data fails here, not inside the model
+                if opened.getexif().get(ExifTags.Base.Orientation) in QUARTER_TURNS:
+                    size = size[::-1]
+                ImageOps.exif_transpose(opened, in_place=True)
+            return _fit_within(_to_rgb(opened), limits.max_side), size, notice
+
+
+def _draft(opened: Image.Image, max_side: int) -> None:
+    """Let a large JPEG decode at 1/2, 1/4 or 1/8 scale: libjpeg scales while decoding, far
+    cheaper in time and memory than decoding every pixel. Pillow picks the largest scale that
+    keeps both sides at least the size asked for, so the long side stays at least `max_side`
+    and the LANCZOS downscale after it still has every pixel it needs."""
+    if opened.format in ("JPEG", "MPO") and max(opened.size) > max_side:
+        opened.draft(None, _fitted_size(opened.size, max_side))
 
 
 @contextmanager
@@ -145,14 +175,16 @@ def _frames_notice(opened: Image.Image, name: str) -> str | None:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any mode to 8-bit RGB. Transparency is flattened onto white (a black background, Pillow's
-    default, would hide dark text and line art)."""
+    default, would hide dark text and line art). No step copies a picture it does not need to:
+    at full size each copy is up to 160 MB."""
     if image.mode in DEEP_MODES:
         image = _deep_to_8bit(image)
     if image.has_transparency_data:  # alpha band, or a palette/colour key marked transparent
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        flattened = Image.new("RGB", rgba.size, (255, 255, 255))
+        flattened.paste(rgba, mask=rgba)  # the alpha band blends each pixel onto the white
+        return flattened
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _deep_to_8bit(image: Image.Image) -> Image.Image:
@@ -171,14 +203,19 @@ def _deep_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8))  # 2-D uint8: mode L
 
 
-def _fit_within(image: Image.Image, max_side: int) -> tuple[Image.Image, tuple[int, int] | None]:
-    """Downscale, keeping the aspect ratio, so the longer side is at most `max_side`; also returns
-    the original size when it changed. The model would resize anyway, at a higher cost."""
-    if max(image.size) <= max_side:
-        return image, None
-    scale = max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS), image.size
+def _fit_within(image: Image.Image, max_side: int) -> Image.Image:
+    """Downscale, keeping the aspect ratio, so the longer side is at most `max_side`. The model
+    would resize anyway, at a higher cost."""
+    size = _fitted_size(image.size, max_side)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
+
+
+def _fitted_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """`size` scaled down, keeping the aspect ratio, so the longer side is at most `max_side`."""
+    if max(size) <= max_side:
+        return size
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def _pad_to_usable(image: Image.Image) -> tuple[Image.Image, tuple[int, int] | None]:

@@ -8,34 +8,52 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 Value = TypeVar("Value")
 
 
 class LruCache(Generic[Value]):
-    """At most `capacity` entries (0 keeps nothing); the least recently used one leaves first."""
+    """At most `capacity` in all (0 keeps nothing); the least recently used entry leaves first.
 
-    def __init__(self, capacity: int) -> None:
+    Without `size` every entry counts 1, so `capacity` is an entry count. With `size` (e.g.
+    `byte_size`) an entry counts what `size(value)` says: pictures and tensors differ a
+    thousandfold, so only their bytes bound the memory. An entry larger than the whole capacity
+    is not kept (it would push out everything else and still not fit).
+    """
+
+    def __init__(self, capacity: int, size: Callable[[Value], int] | None = None) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[Hashable, Value] = OrderedDict()
+        self._size = size or _one
+        self._entries: OrderedDict[Hashable, tuple[Value, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.total = 0  # sum of the entries' sizes
         self.hits = 0
 
     def get(self, key: Hashable) -> Value | None:
         with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-            return value
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
 
     def put(self, key: Hashable, value: Value) -> None:
-        if self.capacity <= 0:
+        size = self._size(value)
+        if self.capacity <= 0 or size > self.capacity:
             return
         with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.total -= old[1]
+            self._entries[key] = (value, size)
+            self.total += size
+            while self.total > self.capacity:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self.total -= evicted
+
+
+def _one(_value: object) -> int:
+    return 1

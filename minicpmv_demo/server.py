@@ -21,6 +21,7 @@ from .http_guard import HttpGuard
 from .model import LoadedModel, load_model
 from .monitor import ServerMonitor
 from .openai_api import add_openai_routes
+from .process_memory import return_large_blocks_on_free
 from .settings import Settings
 from .ui import build_ui
 from .zerogpu import zerogpu_batch_call
@@ -122,6 +123,7 @@ def cache_budget_bytes(utilization: float) -> int | None:
 
 def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
     """Load the model (unless given), start the engine, build the page with its queue."""
+    return_large_blocks_on_free()  # before any upload is decoded
     loaded = loaded or load_model(settings)
     threads = settings.torch_threads or (1 if loaded.is_tiny else 0)
     if threads:

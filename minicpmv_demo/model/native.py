@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..byte_size import byte_size
 from ..conversation import Conversation, Turn
 from ..lru import LruCache
 
@@ -27,11 +28,15 @@ from ..lru import LruCache
 # Tokens the chat template adds around one message or picture (role markers, image ids): an
 # upper bound, so a chat measured turn by turn is never longer than counted.
 MESSAGE_OVERHEAD = 16
-# Preprocessed pictures (pixels and placeholder text) remembered by content digest.
-IMAGE_CACHE_SIZE = 64
+# Preprocessed pictures (pixels and placeholder text) remembered by content digest, in host
+# memory. 128 MB: at full size a 1344-px picture becomes 23 MB of float32 pixels (10 slices of
+# 448 px), so a message of four and then some; the tiny model's are under 1 MB each.
+IMAGE_CACHE_BYTES = 128 * 2**20
 # Vision-tower outputs remembered per set of images: follow-up questions about the same
-# pictures (and visitors clicking the same example) skip the vision tower.
-VISION_CACHE_SIZE = 16
+# pictures (and visitors clicking the same example) skip the vision tower. They live where the
+# model runs (GPU memory, which the batch's key/value cache needs too); at full size a large
+# picture's features take tens of MB, so 256 MB keep a few sets of pictures.
+VISION_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -86,8 +91,8 @@ class NativeRunner:
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.stop_token_ids = frozenset(i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 32768))
-        self._vision_cache: LruCache[object] = LruCache(VISION_CACHE_SIZE)
-        self._image_cache: LruCache[tuple] = LruCache(IMAGE_CACHE_SIZE)
+        self._vision_cache: LruCache[object] = LruCache(VISION_CACHE_BYTES, size=byte_size)
+        self._image_cache: LruCache[tuple] = LruCache(IMAGE_CACHE_BYTES, size=byte_size)
 
     # -- encoding (caller threads) ---------------------------------------------------------
     def encode(self, conversation: Conversation) -> Prompt:
