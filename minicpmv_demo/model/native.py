@@ -91,7 +91,7 @@ class NativeRunner:
         eos_ids = eos if isinstance(eos, list) else [eos]
         self.stop_token_ids = frozenset(i for i in [*eos_ids, self.tokenizer.eos_token_id] if i is not None)
         self.context_length = int(getattr(model.config.text_config, "max_position_embeddings", 32768))
-        self._vision_cache: LruCache[object] = LruCache(VISION_CACHE_BYTES, size=byte_size)
+        self._vision_cache: LruCache[list[torch.Tensor]] = LruCache(VISION_CACHE_BYTES, size=byte_size)
         self._image_cache: LruCache[tuple] = LruCache(IMAGE_CACHE_BYTES, size=byte_size)
 
     # -- encoding (caller threads) ---------------------------------------------------------
@@ -150,10 +150,9 @@ class NativeRunner:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        features = [self._image_features(p) for p in prompts if "pixel_values" in p.inputs]
+        pooled = [part for p in prompts if "pixel_values" in p.inputs for part in self._image_features(p)]
         extra = {}
-        if features:
-            pooled = [part for feature in features for part in feature.pooler_output]
+        if pooled:
             extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         out = self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                **extra)
@@ -180,7 +179,7 @@ class NativeRunner:
         extra = {}
         if partial.images and start < partial.images[1] and end > partial.images[0]:
             end = max(end, partial.images[1])
-            pooled = list(self._image_features(partial.prompt).pooler_output)
+            pooled = self._image_features(partial.prompt)
             extra["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
         input_ids = torch.tensor([partial.ids[start:end]], device=self.device)
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)
@@ -197,14 +196,19 @@ class NativeRunner:
     def _row_ids(prompt: Prompt, generated: list[int]) -> list[int]:
         return prompt.inputs["input_ids"][0].tolist() + generated
 
-    def _image_features(self, prompt: Prompt):
-        features = self._vision_cache.get(prompt.images_key)
-        if features is None:
+    def _image_features(self, prompt: Prompt) -> list[torch.Tensor]:
+        """The merged visual tokens of the prompt's pictures, one tensor per slice, in order.
+
+        Only these are kept: the vision tower's last hidden states are not read by the text
+        model and would take most of the cache's bytes.
+        """
+        pooled = self._vision_cache.get(prompt.images_key)
+        if pooled is None:
             pixels = prompt.inputs["pixel_values"][:1].to(self.device, self.model.dtype)
             sizes = prompt.inputs["target_sizes"].to(self.device)
-            features = self.model.model.get_image_features(pixels, sizes)
-            self._vision_cache.put(prompt.images_key, features)
-        return features
+            pooled = list(self.model.model.get_image_features(pixels, sizes).pooler_output)
+            self._vision_cache.put(prompt.images_key, pooled)
+        return pooled
 
     @torch.inference_mode()
     def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
