@@ -60,6 +60,15 @@ def make_engine(loaded_tiny):
             engine.shutdown()
 
 
+def launch_app(settings: Settings, loaded):
+    """A real app on a free loopback port; returns it and its URL (close it when done)."""
+    from minicpmv_demo.server import build_app
+
+    app = build_app(settings, loaded)
+    _, url, _ = app.launch(server_port=None, quiet=True)
+    return app, url
+
+
 def asset_image(name: str):
     return prepare_image(ASSETS / name)
 

@@ -6,26 +6,19 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from conftest import run_concurrently
+from conftest import launch_app, run_concurrently
 from gradio_client import Client, handle_file
 
-from minicpmv_demo.server import build_app
-from minicpmv_demo.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-
-def launch(settings: Settings, loaded):
-    app = build_app(settings, loaded)
-    _, url, _ = app.launch(server_port=None, quiet=True)
-    return app, url
 
 
 @pytest.fixture(scope="module")
 def served(tiny_settings, loaded_tiny):
     from dataclasses import replace
 
-    app, url = launch(replace(tiny_settings, max_batch=8, cache_size=0, stream_interval=0.01), loaded_tiny)
+    app, url = launch_app(replace(tiny_settings, max_batch=8, cache_size=0, stream_interval=0.01), loaded_tiny)
     client = Client(url, verbose=False)
     yield app, client
     client.close()
@@ -112,7 +105,7 @@ def test_empty_message_is_refused_and_the_next_request_works(served):
 def test_queue_full_gives_busy_and_nothing_breaks(tiny_settings, loaded_tiny):
     from dataclasses import replace
 
-    app, url = launch(replace(tiny_settings, max_batch=1, concurrency=1, queue_size=1, cache_size=0),
+    app, url = launch_app(replace(tiny_settings, max_batch=1, concurrency=1, queue_size=1, cache_size=0),
                       loaded_tiny)
     client = Client(url, verbose=False)
     try:

@@ -8,7 +8,6 @@ in 1 MB chunks (one buffer, sent again and again), so the test itself allocates 
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from minicpmv_demo.server import build_app
+from conftest import launch_app
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MB = 1024 * 1024
@@ -25,17 +24,12 @@ CHUNK = b"a" * MB
 KEY = {"Authorization": "Bearer pw"}
 
 
-def launch(settings, loaded):
-    app = build_app(settings, loaded)
-    _, url, _ = app.launch(server_port=None, quiet=True)
-    return app, url
-
 
 @pytest.fixture(scope="module")
 def locked(tiny_settings, loaded_tiny):
     """An app with --auth. Its body limit is below the default so that what the app may buffer of
     a body before the limit (as much as the limit) stays far from the memory bound tested."""
-    app, url = launch(replace(tiny_settings, auth="ann:pw", cache_size=0, max_body_mb=10), loaded_tiny)
+    app, url = launch_app(replace(tiny_settings, auth="ann:pw", cache_size=0, max_body_mb=10), loaded_tiny)
     yield app, url
     app.close()
 
@@ -43,7 +37,7 @@ def locked(tiny_settings, loaded_tiny):
 @pytest.fixture(scope="module")
 def open_app(tiny_settings, loaded_tiny, tiny_dir):
     """An app without --auth, serving a model loaded from a local folder."""
-    app, url = launch(replace(tiny_settings, cache_size=0), replace(loaded_tiny, model_id=tiny_dir))
+    app, url = launch_app(replace(tiny_settings, cache_size=0), replace(loaded_tiny, model_id=tiny_dir))
     yield app, url
     app.close()
 

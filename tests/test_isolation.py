@@ -18,7 +18,7 @@ from conftest import ask, wait_until
 from minicpmv_demo.chat_input import InputError
 from minicpmv_demo.chat_service import ChatService
 from minicpmv_demo.conversation import Turn
-from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
+from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.sampling import sample_for
 from minicpmv_demo.gpu import GpuMemory
 from minicpmv_demo.model.native import NativeRunner

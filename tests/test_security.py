@@ -9,21 +9,17 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from minicpmv_demo.server import build_app, share_warning
+from conftest import launch_app
+from minicpmv_demo.server import share_warning
 from minicpmv_demo.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def launch(settings, loaded):
-    app = build_app(settings, loaded)
-    _, url, _ = app.launch(server_port=None, quiet=True)
-    return app, url
-
 
 @pytest.fixture(scope="module")
 def open_app(tiny_settings, loaded_tiny):
-    app, url = launch(replace(tiny_settings, max_new_tokens=40, cache_size=0), loaded_tiny)
+    app, url = launch_app(replace(tiny_settings, max_new_tokens=40, cache_size=0), loaded_tiny)
     yield app, url
     app.close()
 
@@ -83,7 +79,7 @@ def test_health_is_plain_http(open_app):
 
 
 def test_auth_protects_ui_and_api_but_not_health(tiny_settings, loaded_tiny):
-    app, url = launch(replace(tiny_settings, auth="alice:s3cret"), loaded_tiny)
+    app, url = launch_app(replace(tiny_settings, auth="alice:s3cret"), loaded_tiny)
     try:
         assert httpx.get(f"{url}config", timeout=10).status_code == 401
         assert httpx.post(f"{url}gradio_api/call/chat", json={"data": [{"text": "hi", "files": []}, [], 4, 0, 1]},
