@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .byte_size import byte_size
-from .conversation import Conversation, Turn
+from .conversation import Conversation, PromptOptions, Turn
 from .images import ImageError, ImageLimits, PreparedImage, prepare_image
 from .lru import LruCache
 
@@ -38,7 +38,7 @@ class InputRules:
 
 
 def build_conversation(message: dict | str, history: Sequence[dict] | None, *, system_prompt: str,
-                       rules: InputRules) -> tuple[Conversation, list[str]]:
+                       rules: InputRules, options: PromptOptions = PromptOptions()) -> tuple[Conversation, list[str]]:
     """Return the conversation to answer and notices for the user (e.g. "image downscaled")."""
     text, files = _split_message(message)
     if not text.strip() and not files:
@@ -52,7 +52,8 @@ def build_conversation(message: dict | str, history: Sequence[dict] | None, *, s
     new_images = [_load(path, rules) for path in files]
     notices = [notice for image in new_images for notice in image.notices]
     turns.append(Turn(role="user", text=text.strip(), images=tuple(new_images)))
-    return Conversation(turns=tuple(_merge_same_role(turns)), system_prompt=system_prompt.strip()), notices
+    return Conversation(turns=tuple(_merge_same_role(turns)), system_prompt=system_prompt.strip(),
+                        options=options), notices
 
 
 def _split_message(message: dict | str) -> tuple[str, list[str]]:

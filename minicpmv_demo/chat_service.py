@@ -14,8 +14,9 @@ from pathlib import Path
 
 from .admission import RequestGate
 from .chat_input import InputError, InputRules, build_conversation
+from .conversation import DOWNSAMPLE_MODES, MAX_NUM_FRAMES, MAX_SLICE_NUMS, PromptOptions
 from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
-from .engine.request import MAX_TEMPERATURE
+from .engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
 from .gpu import GpuMemory, describe_gpus, process_rss_mb
 from .images import ImageLimits
 from .settings import MAX_STREAM_INTERVAL, Settings
@@ -40,7 +41,7 @@ class ChatService:
             max_history_chars=settings.max_history_chars,
         )
 
-    def params(self, max_new_tokens, temperature, top_p) -> SamplingParams:
+    def params(self, max_new_tokens, temperature, top_p, top_k=None, repetition_penalty=None) -> SamplingParams:
         """Clamp what a client sends to the server's limits; refuse what is not a finite number.
 
         Clamping keeps sliders and sloppy clients working (temperature 5 becomes 2), but a NaN
@@ -51,9 +52,32 @@ class ChatService:
             max_new_tokens=int(min(max(tokens, 1), self.settings.max_new_tokens)),
             temperature=min(max(_finite("temperature", temperature, 0.0), 0.0), MAX_TEMPERATURE),
             top_p=min(max(_finite("top_p", top_p, 1.0), 0.01), 1.0),
+            top_k=int(max(_finite("top_k", top_k, 0), 0)),
+            repetition_penalty=min(max(_finite("repetition penalty", repetition_penalty, 1.0), 0.01),
+                                   MAX_REPETITION_PENALTY),
+        )
+
+    def options(self, enable_thinking=None, downsample_mode=None, max_slice_nums=None,
+                max_num_frames=None) -> PromptOptions:
+        """How the prompt is built, from what a client sends; None keeps the checkpoint's default.
+
+        Numbers are clamped into range like the sampling settings; a choice that is not one of
+        the allowed ones (a detail mode, a non-boolean thinking switch) is refused with a message.
+        """
+        if enable_thinking is not None and not isinstance(enable_thinking, bool):
+            raise InputError(f"The thinking setting must be true or false, not {str(enable_thinking)[:40]!r}.")
+        if downsample_mode not in (None, *DOWNSAMPLE_MODES):
+            raise InputError(f"The detail setting (downsample_mode) must be one of {', '.join(DOWNSAMPLE_MODES)}, "
+                             f"not {str(downsample_mode)[:40]!r}.")
+        return PromptOptions(
+            enable_thinking=enable_thinking,
+            downsample_mode=downsample_mode or DOWNSAMPLE_MODES[0],
+            max_slice_nums=_whole_within("max slices", max_slice_nums, MAX_SLICE_NUMS),
+            max_num_frames=_whole_within("max frames", max_num_frames, MAX_NUM_FRAMES),
         )
 
     def submit(self, message, history, params: SamplingParams, system_prompt: str = "", *,
+               options: PromptOptions = PromptOptions(),
                exit_gate: Callable[[], None] | None = None) -> tuple[ReplyStream, list[str]]:
         """Queue a reply; returns its stream and notices for the user. Raises InputError.
 
@@ -63,7 +87,7 @@ class ChatService:
         exit_gate = exit_gate or self.gate.enter_admitted()
         try:
             conversation, notices = build_conversation(message, history, system_prompt=system_prompt or "",
-                                                       rules=self.rules)
+                                                       rules=self.rules, options=options)
             stream = self.engine.submit(conversation, params)
         except BaseException:
             exit_gate()
@@ -112,6 +136,13 @@ def _finite(name: str, value, default: float) -> float:
     if not math.isfinite(number):
         raise InputError(f"The {name} setting must be a finite number, not {value!r}.")
     return number
+
+
+def _whole_within(name: str, value, high: int) -> int | None:
+    """`value` clamped to a whole number in 1..high; None (not sent) stays None."""
+    if value is None:
+        return None
+    return int(min(max(round(_finite(name, value, 1)), 1), high))
 
 
 def upload_root() -> str:

@@ -13,6 +13,36 @@ from typing import Literal
 
 from .images import PreparedImage
 
+# The widest choices a request may make about how its prompt is built (the engine's door).
+DOWNSAMPLE_MODES = ("16x", "4x")
+MAX_SLICE_NUMS = 36
+MAX_NUM_FRAMES = 128
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """Per-request choices that change the prompt itself rather than the decoding.
+
+    None means "what the checkpoint does by default" (the runner knows: an Instruct checkpoint
+    answers without thinking, a Thinking one thinks; 9 slices per picture for 4.6). Checked when
+    built, like `SamplingParams`, so no front end can hand the model a value it cannot take.
+    """
+
+    enable_thinking: bool | None = None
+    downsample_mode: Literal["16x", "4x"] = "16x"  # "4x": four times the visual tokens, finer detail
+    max_slice_nums: int | None = None  # slices per picture, 1..MAX_SLICE_NUMS
+    max_num_frames: int | None = None  # frames taken from a video, 1..MAX_NUM_FRAMES
+
+    def __post_init__(self) -> None:
+        if self.enable_thinking is not None and not isinstance(self.enable_thinking, bool):
+            raise ValueError(f"enable_thinking must be true or false, not {self.enable_thinking!r}.")
+        if self.downsample_mode not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample_mode must be one of {', '.join(DOWNSAMPLE_MODES)}, not {self.downsample_mode!r}.")
+        for name, high in (("max_slice_nums", MAX_SLICE_NUMS), ("max_num_frames", MAX_NUM_FRAMES)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+                raise ValueError(f"{name} must be a whole number from 1 to {high}, not {value!r}.")
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -27,6 +57,7 @@ class Conversation:
 
     turns: tuple[Turn, ...]
     system_prompt: str = ""
+    options: PromptOptions = PromptOptions()
     _digest: str = field(default="", init=False, repr=False, compare=False)
 
     def images(self) -> list[PreparedImage]:
@@ -46,7 +77,7 @@ class Conversation:
     def digest(self) -> str:
         """Identity of the chat for the reply cache: images by content hash, never by file name."""
         if not self._digest:
-            hasher = hashlib.sha256(self.system_prompt.encode())
+            hasher = hashlib.sha256(f"{self.options!r}\x00{self.system_prompt}".encode())
             for turn in self.turns:
                 hasher.update(f"\x00{turn.role}\x00{turn.text}".encode())
                 for image in turn.images:
@@ -56,4 +87,4 @@ class Conversation:
 
     def since(self, index: int) -> Conversation:
         """The chat from turn `index` on (a user turn), to fit a long chat into the context."""
-        return Conversation(turns=self.turns[index:], system_prompt=self.system_prompt)
+        return Conversation(turns=self.turns[index:], system_prompt=self.system_prompt, options=self.options)

@@ -17,7 +17,7 @@ import torch
 from conftest import ask, wait_until
 from minicpmv_demo.chat_input import InputError
 from minicpmv_demo.chat_service import ChatService
-from minicpmv_demo.conversation import Turn
+from minicpmv_demo.conversation import PromptOptions, Turn
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.sampling import sample_for
 from minicpmv_demo.gpu import GpuMemory
@@ -73,6 +73,7 @@ def test_a_row_with_unusable_logits_fails_alone():
     ("temperature", math.nan), ("temperature", math.inf), ("temperature", -1.0), ("temperature", 2.5),
     ("top_p", math.nan), ("top_p", -1.0), ("top_p", 0.0), ("top_p", 1.5),
     ("max_new_tokens", 0), ("max_new_tokens", 2.5), ("max_new_tokens", math.nan),
+    ("top_k", -1), ("top_k", 2.0), ("repetition_penalty", 0), ("repetition_penalty", math.inf),
 ])
 def test_sampling_params_refuse_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
@@ -88,6 +89,25 @@ def test_clients_clamp_finite_values_and_refuse_the_rest(make_engine, tiny_setti
             service.params(16, bad, 1.0)
         with pytest.raises(InputError, match="must be a"):
             service.params(bad, 0.5, 1.0)
+        with pytest.raises(InputError, match="must be a"):
+            service.params(16, 0.5, 1.0, top_k=bad)
+        with pytest.raises(InputError, match="must be a"):
+            service.options(max_slice_nums=bad)
+    assert service.params(16, 0.5, 1.0, top_k=-3, repetition_penalty=9) == SamplingParams(
+        max_new_tokens=16, temperature=0.5, top_k=0, repetition_penalty=2.0)
+    assert service.options(max_slice_nums=99, max_num_frames=0.4) == PromptOptions(max_slice_nums=36, max_num_frames=1)
+    for bad in ({"enable_thinking": "yes"}, {"downsample_mode": "2x"}):
+        with pytest.raises(InputError):
+            service.options(**bad)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("enable_thinking", "yes"), ("downsample_mode", "8x"), ("max_slice_nums", 0), ("max_slice_nums", 37),
+    ("max_num_frames", 2.0), ("max_num_frames", True),
+])
+def test_prompt_options_refuse_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        PromptOptions(**{field: value})
 
 
 # -- per-row isolation inside a step ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from enum import Enum
 
 # The widest sampling settings the engine takes (OpenAI's range for temperature).
 MAX_TEMPERATURE = 2.0
+MAX_REPETITION_PENALTY = 2.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class SamplingParams:
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0 means off: every token may be drawn
+    repetition_penalty: float = 1.0  # 1 means off; above 1 makes tokens already in the row rarer
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -38,6 +41,11 @@ class SamplingParams:
             raise ValueError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, not {self.temperature!r}.")
         if not _number_within(self.top_p, 0.0, 1.0) or self.top_p == 0:
             raise ValueError(f"top_p must be a number above 0 and at most 1, not {self.top_p!r}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number of at least 0 (0 is off), not {self.top_k!r}.")
+        if not _number_within(self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY) or self.repetition_penalty == 0:
+            raise ValueError(f"repetition_penalty must be a number above 0 and at most "
+                             f"{MAX_REPETITION_PENALTY:g}, not {self.repetition_penalty!r}.")
 
     @property
     def greedy(self) -> bool:
