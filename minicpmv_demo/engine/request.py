@@ -102,6 +102,9 @@ class ReplyStream:
         self._ended = threading.Event()  # set with the stats or the error; wakes a coalescing reader
         self._end_callbacks: list[Callable[[], None]] = []
         self.notices: list[str] = []  # things the user should know, e.g. "oldest turns left out"
+        # The prompt ended inside an open `<think>` block: the reply starts with reasoning
+        # (see reasoning.split_reasoning). Set before `submit` returns the stream.
+        self.thinking = False
         self.submitted_at = time.perf_counter()
         self.first_text_at: float | None = None
 

@@ -1,0 +1,50 @@
+"""Splitting a reply into its reasoning ("thinking") and its answer, as the text streams in.
+
+MiniCPM-V 4.6 follows Qwen3.5: with thinking on, the chat template ends the prompt with an open
+`<think>` block, so the reply is reasoning until the model writes `</think>` (and a reply that
+never closes it is all reasoning). A checkpoint may also open the block itself in its output.
+Front ends show the two parts apart and never send the reasoning back to the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+
+@dataclass(frozen=True)
+class ReplyParts:
+    """One reply's text, split. `reasoning` is None for a reply that did not think."""
+
+    reasoning: str | None
+    answer: str
+    reasoning_done: bool  # False while the reasoning is still being written
+
+
+def split_reasoning(text: str, opened_in_prompt: bool) -> ReplyParts:
+    """Split `text` (the reply so far) at `</think>`.
+
+    `opened_in_prompt`: the prompt ended with `<think>`, so the reply starts inside the block.
+    While streaming, a tag that has only partly arrived ("</thi") is held back, not shown.
+    """
+    if not opened_in_prompt:
+        stripped = text.lstrip()
+        if not stripped.startswith(THINK_OPEN):
+            if THINK_OPEN.startswith(stripped) and stripped:
+                return ReplyParts(reasoning=None, answer="", reasoning_done=False)
+            return ReplyParts(reasoning=None, answer=text, reasoning_done=True)
+        text = stripped[len(THINK_OPEN):]
+    reasoning, closed, answer = text.partition(THINK_CLOSE)
+    if not closed:
+        return ReplyParts(reasoning=_without_partial_tag(reasoning).strip(), answer="", reasoning_done=False)
+    return ReplyParts(reasoning=reasoning.strip(), answer=answer.lstrip(), reasoning_done=True)
+
+
+def _without_partial_tag(text: str) -> str:
+    """`text` less a trailing beginning of `</think>` that the next tokens may complete."""
+    for size in range(min(len(THINK_CLOSE) - 1, len(text)), 0, -1):
+        if text.endswith(THINK_CLOSE[:size]):
+            return text[:-size]
+    return text
