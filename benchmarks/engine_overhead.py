@@ -43,8 +43,8 @@ def main() -> int:
     chats = [Conversation(turns=(Turn("user", "Describe this image.", (prepare_image(ROOT / "assets" / n),)),))
              for n in IMAGES]
     params = SamplingParams(max_new_tokens=args.new_tokens)
-    # Half of the batched requests sample as the page sends them (ui.DEFAULT_TEMPERATURE and
-    # DEFAULT_TOP_P; ui is not imported: a GPU machine may lack Gradio). All-greedy runs once hid
+    # Half of the batched requests sample as the page sends them (ChatService.defaults;
+    # the app is not imported: a GPU machine may lack Gradio). All-greedy runs once hid
     # that sampling on CUDA failed every batch.
     page_default = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.7, top_p=0.8)
 

@@ -22,6 +22,9 @@ from .images import ImageLimits
 from .settings import MAX_STREAM_INTERVAL, Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# What the page starts with when the checkpoint names no sampling defaults.
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.8
 
 
 class ChatService:
@@ -40,6 +43,9 @@ class ChatService:
             max_history_messages=settings.max_history_messages,
             max_history_chars=settings.max_history_chars,
         )
+        # The settings a client that sends none gets, and the page's sliders start at.
+        self.defaults = SamplingParams(max_new_tokens=min(settings.default_new_tokens, settings.max_new_tokens),
+                                       temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P)
 
     def params(self, max_new_tokens, temperature, top_p, top_k=None, repetition_penalty=None) -> SamplingParams:
         """Clamp what a client sends to the server's limits; refuse what is not a finite number.

@@ -17,15 +17,13 @@ import pandas as pd
 
 from .chat_input import InputError, content_parts, file_path
 from .chat_service import ASSETS, ChatService
-from .engine import Engine, ReplyError, ReplyStats
+from .engine import Engine, ReplyError, ReplyStats, SamplingParams
 from .gpu import GpuMemory, process_rss_mb
 from .model import LoadedModel
 from .monitor import ServerMonitor
 from .settings import Settings
 
 CHAT_GROUP = "model"  # the one concurrency group of every event that reaches the engine
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 0.8
 
 TINY_BANNER = (
     "**This is the built-in tiny test model with random weights**: its answers are random words. "
@@ -77,7 +75,7 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
             with gr.Tab("Chat"):
                 with gr.Row():
                     with gr.Column(scale=4):
-                        chat = _chat_column(settings)
+                        chat = _chat_column(settings, service.defaults)
                     with gr.Column(scale=1, min_width=220):
                         server_panel = gr.HTML(_panel_html(gpu, engine), elem_id="server-panel")
             with gr.Tab("Server"):
@@ -163,7 +161,7 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
     return demo
 
 
-def _chat_column(settings: Settings) -> dict:
+def _chat_column(settings: Settings, defaults: SamplingParams) -> dict:
     """The chat, its input, its buttons, the generation settings and the examples."""
     chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy"])
     chat_input = gr.MultimodalTextbox(
@@ -177,9 +175,9 @@ def _chat_column(settings: Settings) -> dict:
         clear_btn = gr.Button("Clear", elem_id="clear-btn", size="sm")
     with gr.Accordion("Generation settings", open=False):
         max_new_tokens = gr.Slider(1, settings.max_new_tokens, step=1, label="Max new tokens",
-                                   value=min(settings.default_new_tokens, settings.max_new_tokens))
-        temperature = gr.Slider(0.0, 2.0, value=DEFAULT_TEMPERATURE, step=0.05, label="Temperature (0 = greedy)")
-        top_p = gr.Slider(0.05, 1.0, value=DEFAULT_TOP_P, step=0.05, label="Top-p")
+                                   value=defaults.max_new_tokens)
+        temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)")
+        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
         system_prompt = gr.Textbox(label="System prompt", lines=2,
                                    placeholder="Optional: how the assistant should behave")
     gr.Examples(examples=[{"text": text, "files": [str(ASSETS / name)]} for text, name in EXAMPLES],
