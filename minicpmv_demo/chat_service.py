@@ -115,13 +115,21 @@ class ChatService:
             return base
         return max(base, min(self.engine.active_rows / budget, MAX_STREAM_INTERVAL))
 
+    def memory_snapshot(self) -> dict:
+        """What /gpu_memory returns: GPUs, torch counters, process memory, engine queue and batch."""
+        snapshot = self.gpu.snapshot()
+        state = self.engine.state()
+        snapshot["engine"] = {key: state[key] for key in ("queue_depth", "batch_size", "batch_ceiling",
+                                                           "tokens_per_s", "alive")}
+        return snapshot
+
     def stats_line(self, stats: ReplyStats) -> str:
         """The small line under a reply: where it ran, memory, batch, speed."""
         if stats.from_cache:
             return "answered from the reply cache (same image and question as a recent greedy reply)"
         reading = self.gpu.read()
         parts = [describe_gpus(reading)]
-        if not reading.gpus:
+        if not reading.gpus and reading.note is None:
             parts.append(f"process memory {process_rss_mb():,.0f} MB")
         if stats.peak_memory_mb is not None:
             shared = " (peak during this batch)" if stats.batch_size > 1 else ""

@@ -94,7 +94,7 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
 
         def gpu_memory() -> dict:
             """GPU and process memory and the engine's queue and batch, as JSON."""
-            return _gpu_memory(gpu, engine)
+            return service.memory_snapshot()
 
         gr.api(gpu_memory, api_name="gpu_memory", queue=False)
 
@@ -202,9 +202,11 @@ def _panel_html(gpu: GpuMemory, engine: Engine) -> str:
     if reading.error:
         stale = " (numbers above are the last good reading)" if reading.gpus else ""
         parts.append(f"<div><small>GPU memory unavailable: {html.escape(reading.error)}{stale}</small></div>")
-    elif not reading.gpus:
+    if reading.note is not None:
+        parts.append(f"<div><small>{html.escape(reading.note)}</small></div>")
+    elif not reading.gpus and not reading.error:
         parts.append("<div>No GPU: running on CPU</div>")
-    if not reading.gpus:
+    if not reading.gpus and reading.note is None:
         parts.append(f"<div><small>process memory {process_rss_mb():,.0f} MB</small></div>")
     state = engine.state()
     health = "running" if state["alive"] else "<b>stopped</b>"
@@ -223,15 +225,6 @@ def _plots(monitor: ServerMonitor):
                          "requests": [s.queue_depth for s in samples] + [s.batch_size for s in samples],
                          "what": ["queue depth"] * len(samples) + ["batch size"] * len(samples)})
     return memory, speed, load
-
-
-def _gpu_memory(gpu: GpuMemory, engine: Engine) -> dict:
-    """What /gpu_memory returns: GPUs, torch counters, process memory, engine queue and batch."""
-    snapshot = gpu.snapshot()
-    state = engine.state()
-    snapshot["engine"] = {key: state[key] for key in ("queue_depth", "batch_size", "batch_ceiling",
-                                                       "tokens_per_s", "alive")}
-    return snapshot
 
 
 def _user_messages(message) -> list[dict]:

@@ -34,7 +34,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    runner: NativeRunner | LegacyRunner
+    runner: NativeRunner | LegacyRunner | None  # None: the model runs on a backend (`--backend`)
     model_id: str
     is_tiny: bool
     device: str
@@ -49,8 +49,16 @@ class LoadedModel:
 
     @property
     def description(self) -> str:
+        if self.runner is None:
+            return f"{self.model_id} · on a remote model server"
         precision = self.quantization if self.quantization != "none" else self.dtype
         return f"{self.model_id} · {precision} · {self.device}"
+
+    @classmethod
+    def remote(cls, model_name: str) -> LoadedModel:
+        """What the page says about a model a backend serves (`model_name` as the backend lists it)."""
+        return cls(runner=None, model_id=model_name, is_tiny=model_name == TINY_MODEL, device="remote",
+                   dtype="", quantization="none")
 
 
 def resolve_model_id(settings: Settings, cuda: bool) -> str:
