@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from gradio_client import Client, handle_file
 
@@ -18,7 +19,6 @@ from minicpmv_demo.remote.probe import prometheus_values
 from minicpmv_demo.server import build_app
 from minicpmv_demo.settings import Settings
 
-openai = pytest.importorskip("openai")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 GREEDY = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0}
 
@@ -131,6 +131,27 @@ def test_a_backend_killed_mid_stream_gives_a_message_and_the_front_recovers(tiny
         assert wait_until(lambda: httpx.get(f"{url}health", timeout=5).status_code == 200, timeout=15)
         again, _ = front.service.submit({"text": "hello again", "files": []}, [], SamplingParams(max_new_tokens=8))
         assert again.result(timeout=30).strip()
+    finally:
+        front.close()
+        backend.close()
+
+
+def test_a_busy_backend_reads_busy(tiny_settings, loaded_tiny):
+    """The backend's 503 (its queue is full) is "busy, try again" on the front, not a failure."""
+    port = free_port()
+    backend = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=2048, concurrency=1, queue_size=1),
+                        loaded_tiny)
+    backend.launch(server_port=port, quiet=True)
+    front, _ = start_front(f"http://127.0.0.1:{port}/v1")
+    try:
+        long = [front.service.submit({"text": f"story {i}", "files": []}, [], SamplingParams(max_new_tokens=2000))[0]
+                for i in range(2)]
+        assert wait_until(lambda: backend.service.gate.inside == 1 and backend.service.gate.waiting == 1, timeout=20)
+        third, _ = front.service.submit({"text": "hello", "files": []}, [], SamplingParams(max_new_tokens=8))
+        with pytest.raises(ReplyError, match="busy"):
+            third.result(timeout=20)
+        for stream in long:
+            stream.cancel()
     finally:
         front.close()
         backend.close()
