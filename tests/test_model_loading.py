@@ -188,8 +188,7 @@ def test_cached_encoding_equals_the_processor(loaded_tiny):
         conversation = ask("Describe these.", *names)
         for _ in range(2):  # the second time from the cache
             mine = runner.encode(conversation).inputs
-            text = runner.processor.apply_chat_template(conversation.to_template_messages(),
-                                                        add_generation_prompt=True, tokenize=False)
+            text = runner.render(conversation)  # the chat template, with the thinking switch set
             pictures = [[image.image for image in conversation.images()]] if names else None
             reference = runner.processor(images=pictures, text=[text], return_tensors="pt")
             assert sorted(mine) == sorted(reference.keys())

@@ -55,7 +55,7 @@ yellow orange purple black white gray brown pink sky sun cloud clouds mountain m
 house road river water grass field flower person people car window door roof wall light dark bright
 small large big tall short wide narrow round square box boxes arrow arrows step steps flow queue
 engine stream user users model request requests answer question shows show see looks like appears
-contains has have there's about around above below next near far inside outside value values highest
+contains has have about around above below next near far inside outside value values highest
 lowest increase decrease trend data label labels title shape shapes circle triangle rectangle simple
 clear blurry busy quiet calm warm cold morning evening night day summer winter spring autumn paper
 coffee bread milk apple tea sandwich cake water juice cash card change thank you visit again date
