@@ -132,9 +132,10 @@ def _options(body: dict) -> bool:
 def _include_usage(body: dict) -> bool:
     """`stream_options.include_usage`: a stream's last chunk carries the usage, as OpenAI sends it."""
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+    include = options.get("include_usage") if isinstance(options, dict) else "not an object"
+    if include is not None and not isinstance(include, bool):
         raise ApiError(400, "'stream_options' must look like {\"include_usage\": true}.")
-    return options.get("include_usage", False)
+    return bool(include)
 
 
 def _thinking_switch(body: dict) -> bool | None:

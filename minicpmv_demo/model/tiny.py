@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
     from transformers import MiniCPMV4_6Processor, TokenizersBackend
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
-TINY_MODEL_VERSION = "v3"
+TINY_MODEL_VERSION = "v4"
 SEED = 1234
 
 SPECIAL_TOKENS = {
