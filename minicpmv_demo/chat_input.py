@@ -4,7 +4,8 @@ Messages arrive in several shapes: Gradio's normalised parts (`{"type": "file", 
 plain strings, bare file dicts from API clients. They are read leniently, but every file is
 checked strictly: it must lie in an upload folder (never an arbitrary server path) and pass
 image validation. Messages that carry `metadata` are display-only (the stats line under a
-reply) and are never sent back to the model.
+reply, a reply's reasoning) and are never sent back to the model, nor is reasoning written
+inside an earlier reply's text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .byte_size import byte_size
 from .conversation import Conversation, PromptOptions, Turn
 from .images import ImageError, ImageLimits, PreparedImage, prepare_image
 from .lru import LruCache
+from .reasoning import without_reasoning
 
 
 class InputError(ValueError):
@@ -94,7 +96,11 @@ def _history_turns(history: list, rules: InputRules) -> list[Turn]:
                              f"{rules.max_history_chars:,} characters. Clear the chat or start a new one.")
         # The model never sees images "said" by the assistant, so they are not even opened.
         images = tuple(_load(path, rules) for path in paths) if entry["role"] == "user" else ()
-        turns.append(Turn(role=entry["role"], text="\n".join(t for t in texts if t), images=images))
+        text = "\n".join(t for t in texts if t)
+        # An earlier reply goes back as its answer alone: reasoning sent back confuses the model
+        # (upstream, `</think>` went missing after the first turn) and costs context.
+        turns.append(Turn(role=entry["role"], text=without_reasoning(text) if entry["role"] == "assistant" else text,
+                          images=images))
     return turns
 
 

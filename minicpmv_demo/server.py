@@ -150,7 +150,8 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
         log.info("ZeroGPU: each batch runs in one @spaces.GPU call")
     budget = None if batch_call else cache_budget_bytes(settings.gpu_memory_utilization)
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
-                    memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call).start()
+                    memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call,
+                    max_thinking_tokens=settings.max_thinking_tokens).start()
     return _assemble(settings, loaded, engine, GpuMemory())
 
 
@@ -162,7 +163,7 @@ def _remote_engine(settings: Settings) -> tuple[LoadedModel, RemoteEngine, Backe
     engine = RemoteEngine(probe, api_key=settings.backend_api_key, timeout_s=settings.backend_timeout,
                           max_batch=settings.concurrency).start()
     model_name = probe.status.model or settings.backend_model or "remote model"
-    return LoadedModel.remote(model_name), engine, BackendMemory(GpuMemory(), probe)
+    return LoadedModel.remote(model_name, settings.default_thinking), engine, BackendMemory(GpuMemory(), probe)
 
 
 def _assemble(settings: Settings, loaded: LoadedModel, engine, gpu) -> App:

@@ -57,13 +57,21 @@ def backend_health(port: int) -> dict:
 
 def direct(port: int, text: str, image: str, **extra) -> str:
     """The backend's own greedy answer, asked without the front end."""
+    return _direct(port, text, image, **extra).content
+
+
+def direct_reasoning(port: int, text: str, image: str, **extra) -> str | None:
+    return _direct(port, text, image, **extra).model_extra.get("reasoning_content")
+
+
+def _direct(port: int, text: str, image: str, **extra):
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     image_url = "data:image/png;base64," + base64.b64encode((ASSETS / image).read_bytes()).decode()
     reply = client.chat.completions.create(
         model="tiny", max_tokens=GREEDY["max_new_tokens"], temperature=0, extra_body=extra or None,
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                 {"type": "text", "text": text}]}])
-    return reply.choices[0].message.content
+    return reply.choices[0].message
 
 
 def test_the_page_chat_and_openai_route_answer_through_the_backend(pair):
@@ -81,6 +89,26 @@ def test_the_page_chat_and_openai_route_answer_through_the_backend(pair):
         model="tiny", messages=[{"role": "user", "content": "Say something"}], max_tokens=12, temperature=0,
         stream=True) if chunk.choices]
     assert len([p for p in pieces if p]) >= 2 and "".join(pieces).strip()
+
+
+def test_thinking_reaches_the_backend_and_its_reasoning_comes_back_apart(pair):
+    front_url, port = pair["front_url"], pair["port"]
+    asked = {"chat_template_kwargs": {"enable_thinking": True}}
+    expected = direct(port, "Think first.", "chart.png", **asked)
+    client = openai.OpenAI(base_url=f"{front_url}v1", api_key="none", max_retries=0)
+    image_url = "data:image/png;base64," + base64.b64encode((ASSETS / "chart.png").read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "text", "text": "Think first."}]}]
+    through = client.chat.completions.create(model="tiny", messages=messages, max_tokens=GREEDY["max_new_tokens"],
+                                             temperature=0, extra_body=asked)
+    message = through.choices[0].message
+    backend_reasoning = direct_reasoning(port, "Think first.", "chart.png", **asked)
+    assert message.model_extra["reasoning_content"] == backend_reasoning and backend_reasoning
+    assert (message.content or "") == expected
+    assert through.usage.prompt_tokens > 0
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=GREEDY["max_new_tokens"],
+                                           temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert plain.choices[0].message.model_extra.get("reasoning_content") is None
 
 
 def test_the_memory_line_and_panel_read_the_backend(pair):

@@ -29,12 +29,15 @@ class LegacyPrompt:
     image: object | None
     system_prompt: str
     length: int  # estimated tokens, counted as `turn_length` counts them
+    thinking: bool = False  # 2.5 / 2.6 never reason
 
 
 class LegacyRunner:
     """Serial runner for models whose only entry point is `model.chat(...)`."""
 
     supports_batching = False
+    thinks_by_default = False
+    reasoning_tags = None  # no reasoning, so nothing for the engine's reasoning budget to count
 
     def __init__(self, model, tokenizer) -> None:
         self.model = model

@@ -22,7 +22,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..byte_size import byte_size
 from ..conversation import Conversation, Turn
+from ..engine.reasoning_budget import reasoning_tags
 from ..lru import LruCache
+from ..reasoning import prompt_opens_reasoning
 
 
 # Tokens the chat template adds around one message or picture (role markers, image ids): an
@@ -45,6 +47,7 @@ class Prompt:
 
     inputs: dict[str, torch.Tensor]
     images_key: str = ""  # the images' content digests, in order; "" without images
+    thinking: bool = False  # the prompt ends inside an open `<think>`: the reply starts as reasoning
 
     @property
     def length(self) -> int:
@@ -79,10 +82,17 @@ class NativeRunner:
 
     supports_batching = True
 
-    def __init__(self, model, processor) -> None:
+    def __init__(self, model, processor, thinks_by_default: bool = False) -> None:
+        """`thinks_by_default`: what a request that does not choose gets (a Thinking checkpoint
+        thinks, an Instruct one answers straight away; see loading.py)."""
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.thinks_by_default = thinks_by_default
+        self.reasoning_tags = reasoning_tags(self.tokenizer)
+        # Templates with Qwen3.5's switch get it on every request, never their own default (4.6
+        # Instruct's template thinks unless told not to); others are not handed a stray variable.
+        self._template_switches_thinking = "enable_thinking" in (processor.chat_template or "")
         self.device = model.device
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"):
         # encoding runs on the callers' threads, so it takes turns here instead of in the engine.
@@ -101,12 +111,12 @@ class NativeRunner:
         Does what `processor(images=..., text=...)` does, but preprocesses each picture once
         (cached by its content digest): follow-up turns resend the same images every time.
         """
-        messages = conversation.to_template_messages()
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.render(conversation)
+        thinking = prompt_opens_reasoning(text)
         images = conversation.images()
         with self._encode_lock:
             if not images:
-                return Prompt(inputs=dict(self.processor(text=[text], return_tensors="pt")))
+                return Prompt(inputs=dict(self.processor(text=[text], return_tensors="pt")), thinking=thinking)
             parts = [self._preprocessed(image) for image in images]
             replacements = [replacement for _, _, replacement in parts]
             if self.processor.default_use_image_id:
@@ -115,7 +125,17 @@ class NativeRunner:
             inputs = dict(self.tokenizer(texts, return_tensors="pt"))
         inputs["pixel_values"] = torch.cat([pixels for pixels, _, _ in parts], dim=-1)
         inputs["target_sizes"] = torch.cat([sizes for _, sizes, _ in parts])
-        return Prompt(inputs=inputs, images_key="|".join(image.digest for image in images))
+        return Prompt(inputs=inputs, images_key="|".join(image.digest for image in images), thinking=thinking)
+
+    def render(self, conversation: Conversation) -> str:
+        """The prompt text the chat template makes of `conversation`, with the thinking switch
+        set from the request's choice, else the checkpoint's default."""
+        switch = {}
+        if self._template_switches_thinking:
+            chosen = conversation.options.enable_thinking
+            switch["enable_thinking"] = self.thinks_by_default if chosen is None else chosen
+        return self.processor.apply_chat_template(conversation.to_template_messages(), add_generation_prompt=True,
+                                                  tokenize=False, **switch)
 
     def turn_length(self, turn: Turn) -> int:
         """Tokens `turn` takes in a prompt: its text, its pictures' placeholders, the template's

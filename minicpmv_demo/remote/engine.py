@@ -142,6 +142,7 @@ class RemoteEngine:
             async for chunk in response:
                 if chunk.usage is not None:
                     usage_tokens = chunk.usage.completion_tokens
+                    stream.prompt_tokens = chunk.usage.prompt_tokens
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
