@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from conftest import ask
+from minicpmv_demo.chat_service import DEFAULT_TOP_P, ChatService
 from minicpmv_demo.conversation import Turn
 from minicpmv_demo.engine import SamplingParams
+from minicpmv_demo.gpu import GpuMemory
 from minicpmv_demo.model import ModelLoadError, load_model
-from minicpmv_demo.model.tiny import build_word_tokenizer, ensure_tiny_model
+from minicpmv_demo.model.legacy import CHAT_SAMPLING
+from minicpmv_demo.model.sampling_defaults import checkpoint_sampling
+from minicpmv_demo.model.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model
 from minicpmv_demo.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +65,25 @@ def test_tiny_model_in_int4_loads_and_answers(tiny_dir, make_engine):
     engine = make_engine(loaded.runner, max_batch=4)
     streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=8)) for q in ("a", "b", "c")]
     assert all(s.result(timeout=120) for s in streams)
+
+
+def test_sampling_defaults_are_what_the_checkpoint_file_sets(loaded_tiny, make_engine, tiny_settings):
+    """The tiny model ships MiniCPM-V 4.6's generation config; only the fields a file sets count."""
+    folder = Path(loaded_tiny.runner.model.name_or_path)
+    shipped = json.loads((folder / "generation_config.json").read_text())
+    assert {k: shipped[k] for k in ("do_sample", "temperature", "top_p", "top_k")} == GENERATION_SAMPLING
+    assert loaded_tiny.sampling_defaults == {"temperature": 0.7, "top_p": 1.0, "top_k": 0}
+    service = ChatService(make_engine(started=False), tiny_settings, GpuMemory(), loaded_tiny.sampling_defaults)
+    assert service.defaults == SamplingParams(max_new_tokens=tiny_settings.default_new_tokens, temperature=0.7,
+                                              top_p=1.0, top_k=0, repetition_penalty=1.0)
+    assert checkpoint_sampling(GenerationConfig(eos_token_id=[1], pad_token_id=0)) == {}
+    assert checkpoint_sampling(GenerationConfig(do_sample=False, temperature=0.6, repetition_penalty=1.05)) == {
+        "temperature": 0.0, "repetition_penalty": 1.05}, "do_sample false is greedy"
+    named = checkpoint_sampling(GenerationConfig(temperature=5.0, top_k=50))
+    clamped = ChatService(make_engine(started=False), tiny_settings, GpuMemory(), named).defaults
+    assert (clamped.temperature, clamped.top_p, clamped.top_k) == (2.0, DEFAULT_TOP_P, 50), \
+        "clamped like a client's; what the file leaves out is the server's own"
+    assert ChatService(make_engine(started=False), tiny_settings, GpuMemory()).defaults.top_p == DEFAULT_TOP_P
 
 
 def _write_remote_code_model(folder: Path, tiny: Path) -> None:
@@ -116,6 +140,7 @@ def test_remote_code_model_needs_the_flag_then_runs_through_the_engine(tmp_path,
     (tmp_path / "weights").rename(folder / "model.safetensors")
     loaded = load_model(Settings(model=str(folder), trust_remote_code=True))
     assert loaded.runner.supports_batching is False
+    assert loaded.sampling_defaults == CHAT_SAMPLING, "the page starts at the release's chat() settings"
     engine = make_engine(loaded.runner, max_batch=8)
     assert engine.max_batch == 1
     streams = [engine.submit(ask(f"question {i}", "chart.png", "scene.png"), SamplingParams(max_new_tokens=50))

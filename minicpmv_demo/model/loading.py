@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..settings import TINY_MODEL, Settings
-from .legacy import LegacyRunner
+from .legacy import CHAT_SAMPLING, LegacyRunner
 from .native import NativeRunner
+from .sampling_defaults import checkpoint_sampling
 from .tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class LoadedModel:
     device: str
     dtype: str
     quantization: str
+    # The sampling settings the checkpoint names (SamplingParams field names): what the page
+    # starts at and what a client that sends none gets; the server's own for the rest.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def public_name(self) -> str:
@@ -88,8 +92,12 @@ def load_model(settings: Settings) -> LoadedModel:
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"Could not load {model_id}: {_first_line(exc)}") from None
     device = str(getattr(runner.model, "device", "cpu"))
+    # Legacy models sample inside their own chat(), whose settings are the release's.
+    sampling = (dict(CHAT_SAMPLING) if model_type in LEGACY_MODEL_TYPES
+                else checkpoint_sampling(getattr(runner.model, "generation_config", None)))
     return LoadedModel(runner=runner, model_id=model_id, is_tiny=is_tiny, device=device,
-                       dtype=str(dtype).removeprefix("torch."), quantization=quantization)
+                       dtype=str(dtype).removeprefix("torch."), quantization=quantization,
+                       sampling_defaults=sampling)
 
 
 def _check_source(model_id: str) -> str:
