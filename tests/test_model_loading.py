@@ -20,7 +20,7 @@ from minicpmv_demo.gpu import GpuMemory
 from minicpmv_demo.model import ModelLoadError, load_model
 from minicpmv_demo.model.legacy import CHAT_SAMPLING
 from minicpmv_demo.model.sampling_defaults import checkpoint_sampling
-from minicpmv_demo.model.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model
+from minicpmv_demo.model.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model, save_checkpoint
 from minicpmv_demo.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,13 +57,40 @@ def test_word_tokenizer_padded_to_a_full_vocabulary_counts_every_id_as_one_token
 
 def test_tiny_model_in_int4_loads_and_answers(tiny_dir, make_engine):
     loaded = load_model(Settings(model="tiny", tiny_model_dir=tiny_dir, quant="int4"))
-    quantized = [m for m in loaded.runner.model.modules() if type(m).__name__ == "Linear4bit"]
-    assert len(quantized) > 20
+    modules = dict(loaded.runner.model.named_modules())
+    quantized = [m for m in modules.values() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == len([name for name, m in modules.items() if isinstance(m, torch.nn.Linear)
+                                  and name.startswith("model.language_model.")]) > 10, "the language model's layers"
     weight = quantized[0].weight
     assert weight.quant_state.quant_type == "nf4" and weight.quant_state.nested  # double quant
     assert loaded.quantization.startswith("int4")
     engine = make_engine(loaded.runner, max_batch=4)
     streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=8)) for q in ("a", "b", "c")]
+    assert all(s.result(timeout=120) for s in streams)
+
+
+def test_int4_keeps_the_vision_tower_merger_and_head_in_full_precision(tiny_dir, tmp_path, make_engine):
+    """The published vision MLP width (4304) is no multiple of 64, which bitsandbytes' int4 CPU
+    kernels refuse and its GPU kernels run slowly: only the language model is quantized, as in
+    the official int4 releases. A tiny model with such a width loads and answers in int4."""
+    from transformers import AutoConfig, AutoProcessor, MiniCPMV4_6ForConditionalGeneration
+
+    source = ensure_tiny_model(tiny_dir)
+    config = AutoConfig.from_pretrained(source)
+    config.vision_config.intermediate_size = 100
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MiniCPMV4_6ForConditionalGeneration(config)
+    save_checkpoint(model, AutoProcessor.from_pretrained(source), tmp_path / "odd-vision")
+    loaded = load_model(Settings(model=str(tmp_path / "odd-vision"), quant="int4"))
+    kinds = {name: type(module).__name__ for name, module in loaded.runner.model.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    assert kinds["model.vision_tower.encoder.layers.0.mlp.fc1"] == "Linear"
+    outside_text = {kind for name, kind in kinds.items() if not name.startswith("model.language_model.")}
+    assert outside_text == {"Linear"}, "vision tower, merger and head stay unquantized"
+    assert {kind for name, kind in kinds.items() if name.startswith("model.language_model.")} == {"Linear4bit"}
+    engine = make_engine(loaded.runner, max_batch=2)
+    streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=6)) for q in ("a", "b")]
     assert all(s.result(timeout=120) for s in streams)
 
 
