@@ -151,3 +151,13 @@ def test_one_gpu_call_applies_the_penalty_too(loaded_tiny):
     events = list(decode_batch(runner, [prompt, prompt], params, seed=0, stop_token_ids=frozenset()))
     first_row = [token for step in events[:-1] for row, token in step if row == 0]
     assert first_row == out[0, prompt.length:].tolist()
+
+
+def test_the_reply_cache_tells_penalised_greedy_replies_apart(make_engine):
+    engine = make_engine(max_batch=2, cache_size=8)
+    chat = ask("What is in the image?", "scene.png")
+    plain = engine.submit(chat, SamplingParams(max_new_tokens=24)).result(timeout=60)
+    penalised = engine.submit(chat, SamplingParams(max_new_tokens=24, repetition_penalty=1.5))
+    assert penalised.result(timeout=60) != plain and not penalised.stats.from_cache
+    again = engine.submit(chat, SamplingParams(max_new_tokens=24, repetition_penalty=1.5))
+    assert again.result(timeout=60) == penalised.text and again.stats.from_cache
