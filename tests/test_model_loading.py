@@ -69,10 +69,13 @@ def test_tiny_model_in_int4_loads_and_answers(tiny_dir, make_engine):
     assert all(s.result(timeout=120) for s in streams)
 
 
-def test_int4_keeps_the_vision_tower_merger_and_head_in_full_precision(tiny_dir, tmp_path, make_engine):
+@pytest.mark.parametrize("quant, quantized_kind", [("int4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantization_keeps_the_vision_tower_merger_and_head_unquantized(quant, quantized_kind, tiny_dir, tmp_path,
+                                                                         make_engine):
     """The published vision MLP width (4304) is no multiple of 64, which bitsandbytes' int4 CPU
-    kernels refuse and its GPU kernels run slowly: only the language model is quantized, as in
-    the official int4 releases. A tiny model with such a width loads and answers in int4."""
+    kernels refuse (on CPUs with AVX512-BF16) and its GPU kernels run slowly: only the language
+    model is quantized, as in the official int4 releases. A tiny model with such a width loads
+    and answers."""
     from transformers import AutoConfig, AutoProcessor, MiniCPMV4_6ForConditionalGeneration
 
     source = ensure_tiny_model(tiny_dir)
@@ -82,13 +85,13 @@ def test_int4_keeps_the_vision_tower_merger_and_head_in_full_precision(tiny_dir,
         torch.manual_seed(0)
         model = MiniCPMV4_6ForConditionalGeneration(config)
     save_checkpoint(model, AutoProcessor.from_pretrained(source), tmp_path / "odd-vision")
-    loaded = load_model(Settings(model=str(tmp_path / "odd-vision"), quant="int4"))
+    loaded = load_model(Settings(model=str(tmp_path / "odd-vision"), quant=quant))
     kinds = {name: type(module).__name__ for name, module in loaded.runner.model.named_modules()
              if isinstance(module, torch.nn.Linear)}
     assert kinds["model.vision_tower.encoder.layers.0.mlp.fc1"] == "Linear"
     outside_text = {kind for name, kind in kinds.items() if not name.startswith("model.language_model.")}
     assert outside_text == {"Linear"}, "vision tower, merger and head stay unquantized"
-    assert {kind for name, kind in kinds.items() if name.startswith("model.language_model.")} == {"Linear4bit"}
+    assert {kind for name, kind in kinds.items() if name.startswith("model.language_model.")} == {quantized_kind}
     engine = make_engine(loaded.runner, max_batch=2)
     streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=6)) for q in ("a", "b")]
     assert all(s.result(timeout=120) for s in streams)
