@@ -224,8 +224,8 @@ def _build_config(tokenizer):
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    # Linear layers read at least 64 values: bitsandbytes' CPU int4 kernels need whole
-    # 64-value quantization blocks.
+    # --quant leaves the vision tower unquantized (loading.UNQUANTIZED_MODULES), so its widths
+    # need not suit bitsandbytes' kernels; the tests also load one whose MLP is 100 wide.
     vision_config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
     return MiniCPMV4_6Config(
