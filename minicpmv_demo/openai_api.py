@@ -34,7 +34,7 @@ from starlette.background import BackgroundTask
 from .admission import Busy
 from .chat_input import InputError, content_parts
 from .chat_service import ChatService, upload_root
-from .engine import FinishReason, ReplyError, ReplyStream
+from .engine import FinishReason, ReplyError, ReplyStream, SamplingParams
 from .http_guard import api_key_ok
 from .reasoning import split_reasoning
 
@@ -202,9 +202,8 @@ def _read_and_submit(service: ChatService, body: dict, exit_gate: Callable[[], N
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list.")
+    params = _sampling(service, body)
     try:
-        params = service.params(_first_given(body, "max_tokens", "max_completion_tokens"),
-                                body.get("temperature", 1.0), body.get("top_p", 1.0))
         options = service.options(enable_thinking=_thinking_switch(body))
     except InputError as exc:
         raise ApiError(400, str(exc)) from None
@@ -231,6 +230,17 @@ def _read_and_submit(service: ChatService, body: dict, exit_gate: Callable[[], N
         return stream
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # images are decoded into memory by now
+
+
+def _sampling(service: ChatService, body: dict) -> SamplingParams:
+    """The request's sampling settings: OpenAI's, plus `top_k` and `repetition_penalty` as extra
+    body fields (as vLLM takes them; top_k -1 or 0 is off). What the client leaves out is the
+    server's default, which is the checkpoint's own (`ChatService.defaults`), as vLLM does."""
+    try:
+        return service.params(_first_given(body, "max_tokens", "max_completion_tokens"), body.get("temperature"),
+                              body.get("top_p"), body.get("top_k"), body.get("repetition_penalty"))
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _first_given(body: dict, *names: str):

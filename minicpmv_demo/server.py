@@ -137,7 +137,7 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
                     max_thinking_tokens=settings.max_thinking_tokens).start()
     gpu = GpuMemory()
     monitor = ServerMonitor(engine, gpu, interval_s=settings.panel_interval).start()
-    service = ChatService(engine, settings, gpu)
+    service = ChatService(engine, settings, gpu, loaded.sampling_defaults)
     demo = build_ui(service, loaded, monitor)
     # api_open=False: no REST route may reach the model around the queue and its limits.
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=settings.concurrency)

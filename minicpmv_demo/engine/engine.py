@@ -31,6 +31,7 @@ from .detokenizer import IncrementalDecoder
 from .reasoning_budget import ReasoningBudget, budget_for
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from .sampling import sample_for
+from .seen_tokens import SeenTokens
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Engine:
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
         self._seed = seed
         self._generator: torch.Generator | None = None
+        self._seen = SeenTokens()  # prompt and reply tokens of rows with a repetition penalty
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Row] = deque()
@@ -201,7 +203,7 @@ class Engine:
     def _cache_key(self, conversation: Conversation, params: SamplingParams) -> str | None:
         if not params.greedy or self.reply_cache.capacity <= 0:
             return None
-        return f"{conversation.digest()}:{params.max_new_tokens}"
+        return f"{conversation.digest()}:{params.max_new_tokens}:{params.repetition_penalty}"
 
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -401,9 +403,16 @@ class Engine:
         """
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(self._seed)
-        sampled = sample_for(logits, [r.params for r in rows], self._generator)
+        sampled = sample_for(logits, [r.params for r in rows], self._generator, self._seen_tokens(rows, logits))
         for row, token in zip(rows, sampled.tokens, strict=True):
             self._give(row, token)
+
+    def _seen_tokens(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor | None:
+        """What each row has seen so far, for the repetition penalty; None when no row has one."""
+        if all(row.params.repetition_penalty == 1.0 for row in rows):
+            return None
+        return self._seen.lookup([(row, row.prompt.ids, row.generated) if row.params.repetition_penalty != 1.0
+                                  else None for row in rows], logits)
 
     def _give(self, row: _Row, token: int | None) -> None:
         """One row's token of a step (None: its logits were unusable); its faults stay its own."""
@@ -467,6 +476,7 @@ class Engine:
             self._after_idle()
 
     def _finish(self, row: _Row, reason: FinishReason, peak_mb: float | None = None) -> None:
+        self._seen.release(row)
         seconds = time.perf_counter() - row.started_at if row.started_at else 0.0
         peak = peak_mb if peak_mb is not None else peak_memory_mb()
         row.stream.finish(ReplyStats(tokens=len(row.generated), seconds=seconds, batch_size=row.largest_batch,
@@ -478,6 +488,7 @@ class Engine:
     def _fail(self, row: _Row, message: str) -> None:
         """End `row` with a message for its user; it leaves the batch at the next release."""
         row.finish_reason = FinishReason.ERROR
+        self._seen.release(row)
         row.stream.fail(message)
 
     def _fail_all(self, message: str) -> None:

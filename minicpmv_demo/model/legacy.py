@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from ..conversation import Conversation, Turn
 from ..engine.request import SamplingParams
 
-# The MiniCPM-V release's own sampling defaults for chat().
-TOP_K = 100
-REPETITION_PENALTY = 1.05
+# The MiniCPM-V release's own sampling defaults for chat(): the page starts at them for these
+# models (the request's settings are what chat() gets).
+CHAT_SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 100, "repetition_penalty": 1.05}
 
 
 # Tokens the template adds around one message: an upper bound.
@@ -74,8 +74,8 @@ class LegacyRunner:
     def stream(self, prompt: LegacyPrompt, params: SamplingParams,
                cancelled: Callable[[], bool]) -> Iterator[str]:
         """Yield text pieces until the model is done; after a cancel, drain without yielding."""
-        options = {"top_p": params.top_p, "top_k": TOP_K, "temperature": max(params.temperature, 1e-5),
-                   "repetition_penalty": REPETITION_PENALTY, "do_sample": not params.greedy}
+        options = {"top_p": params.top_p, "top_k": params.top_k, "temperature": max(params.temperature, 1e-5),
+                   "repetition_penalty": params.repetition_penalty, "do_sample": not params.greedy}
         if prompt.system_prompt:
             options["system_prompt"] = prompt.system_prompt
         pieces = self.model.chat(image=prompt.image, msgs=prompt.msgs, tokenizer=self.tokenizer,

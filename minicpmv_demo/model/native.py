@@ -53,6 +53,11 @@ class Prompt:
     def length(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
 
+    @property
+    def ids(self) -> torch.Tensor:
+        """The prompt's token ids [L] (what a repetition penalty counts as already seen)."""
+        return self.inputs["input_ids"][0]
+
 
 @dataclass
 class PartialPrefill:

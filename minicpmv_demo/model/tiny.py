@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
     from transformers import MiniCPMV4_6Processor, TokenizersBackend
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
-TINY_MODEL_VERSION = "v4"
+TINY_MODEL_VERSION = "v5"
 SEED = 1234
 
 SPECIAL_TOKENS = {
@@ -145,12 +145,19 @@ def multimodal_token_ids(tokenizer: TokenizersBackend) -> dict[str, int]:
             "video_token_id": tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["video_token"])}
 
 
+# MiniCPM-V 4.6's generation_config.json sampling settings, so the defaults path runs in tests.
+GENERATION_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
+
+
 def save_checkpoint(model, processor: MiniCPMV4_6Processor, folder: Path) -> None:
     """Save a random-weight model and its processor as an ordinary checkpoint folder; the
-    generation config stops on the tokenizer's EOS, as the engine and `generate` expect."""
+    generation config stops on the tokenizer's EOS, as the engine and `generate` expect, and
+    samples as MiniCPM-V 4.6's does."""
     tokenizer = processor.tokenizer
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for name, value in GENERATION_SAMPLING.items():
+        setattr(model.generation_config, name, value)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
@@ -239,8 +246,8 @@ def _build_config(tokenizer):
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    # Linear layers read at least 64 values: bitsandbytes' CPU int4 kernels need whole
-    # 64-value quantization blocks.
+    # --quant leaves the vision tower unquantized (loading.UNQUANTIZED_MODULES), so its widths
+    # need not suit bitsandbytes' kernels; the tests also load one whose MLP is 100 wide.
     vision_config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
     return MiniCPMV4_6Config(
