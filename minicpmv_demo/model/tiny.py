@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
     from transformers import MiniCPMV4_6Processor, TokenizersBackend
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
-TINY_MODEL_VERSION = "v2"
+TINY_MODEL_VERSION = "v3"
 SEED = 1234
 
 SPECIAL_TOKENS = {
@@ -63,13 +63,14 @@ PUNCTUATION = list(".,:;!?'\"()-/%$#&*+=<>[]{}")
 DIGITS = list("0123456789")
 
 # ChatML, as MiniCPM-V 4.6 uses; an image part renders as one placeholder that the processor
-# expands into the image's slices.
+# expands into the image's slices, a video part as one that it expands into the video's frames.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}{{ '<|image_pad|>\\n' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|video_pad|>\\n' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
