@@ -3,8 +3,8 @@
 Messages arrive in several shapes: Gradio's normalised parts (`{"type": "file", "file": {...}}`),
 plain strings, bare file dicts from API clients. They are read leniently, but every file is
 checked strictly: it must lie in an upload folder (never an arbitrary server path) and pass
-image validation, or video validation for .mp4/.webm/.mov files. Messages that carry `metadata` are display-only (the stats line under a
-reply) and are never sent back to the model.
+image validation (video validation for .mp4, .webm and .mov files). Messages that carry
+`metadata` are display-only (the stats line under a reply) and are never sent back to the model.
 """
 
 from __future__ import annotations
