@@ -25,12 +25,19 @@ from pathlib import Path
 import av
 from PIL import Image
 
+from .images import DECODING
+
 logger = logging.getLogger(__name__)
 
 # File types read as videos (by name: a browser upload keeps its suffix, an API data URL gets
 # one from its MIME type). Anything else is read as a picture.
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov")
 VIDEO_MIME_SUFFIXES = {"video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov"}
+# The only FFmpeg readers uploads reach, picked from the file's first bytes: MP4/MOV boxes or
+# the EBML header of WebM/Matroska. Never letting FFmpeg guess keeps its many rarer readers
+# (image sequences, playlists that open other files or URLs) away from untrusted bytes.
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"
+MP4_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"})
 # Frames are kept with their longer side at most this: MiniCPM-V 4.6 reads each video frame as
 # one slice of about 448x448 pixels, so a 1080p frame would only cost memory (6 MB each in
 # Pillow against 1 MB here) to be shrunk by the processor anyway.
@@ -76,7 +83,9 @@ def prepare_video(path: str | os.PathLike, limits: VideoLimits, frames: int) -> 
     path = Path(path)
     name = path.name
     _check_file(path, name, limits)
-    with _unreadable_as_video_error(name), av.open(str(path), metadata_errors="ignore") as container:
+    demuxer = _demuxer(path, name)
+    with _unreadable_as_video_error(name), \
+            av.open(str(path), format=demuxer, metadata_errors="ignore") as container:
         if not container.streams.video:
             raise VideoError(f"{name} has no video track.")
         stream = container.streams.video[0]
@@ -85,13 +94,14 @@ def prepare_video(path: str | os.PathLike, limits: VideoLimits, frames: int) -> 
         if seconds > limits.max_seconds:
             raise VideoError(f"{name} is {_clock(seconds)} long; the limit is {_clock(limits.max_seconds)}.")
         times = sample_times(seconds, frames)
-        stills = tuple(_frames_at(container, stream, times))
+        # A decoded frame is full size until it is scaled: it counts in the pictures' budget.
+        with DECODING.reserve(stream.codec_context.width * stream.codec_context.height):
+            stills = tuple(_frames_at(container, stream, times))
     if not stills:
         raise VideoError(f"{name} has no frames that can be decoded.")
     notices = ()
-    wanted = min(frames, len(times))
-    if len(stills) < wanted:
-        notices = (f"{name}: only {len(stills)} of {wanted} frames could be read.",)
+    if len(stills) < len(times):
+        notices = (f"{name}: only {len(stills)} of {len(times)} frames could be read.",)
     return PreparedVideo(frames=stills, seconds=seconds, digest=_digest(stills), notices=notices)
 
 
@@ -111,6 +121,17 @@ def _check_file(path: Path, name: str, limits: VideoLimits) -> None:
     if size > limits.max_file_bytes:
         raise VideoError(f"{name} is {size / 2**20:.3g} MB; the limit for videos is "
                          f"{limits.max_file_bytes / 2**20:.3g} MB.")
+
+
+def _demuxer(path: Path, name: str) -> str:
+    """FFmpeg's reader for the file, from its first bytes; anything else is refused unread."""
+    with open(path, "rb") as file:
+        head = file.read(12)
+    if head.startswith(EBML_MAGIC):
+        return "matroska"
+    if head[4:8] in MP4_BOXES:
+        return "mov"
+    raise VideoError(f"{name} is not an MP4, WebM or MOV video.")
 
 
 def _check_frame_size(stream, name: str, limits: VideoLimits) -> None:

@@ -13,11 +13,11 @@ CODECS = {".mp4": "libx264", ".mov": "libx264", ".webm": "libvpx-vp9"}
 
 def second_shade(second: int) -> int:
     """The blue value of every pixel during `second` (what `make_clip` writes)."""
-    return 20 + 10 * second
+    return 20 + 5 * second
 
 
 def make_clip(path: Path, seconds: int = 2, fps: int = 10, size: tuple[int, int] = (96, 64)) -> Path:
-    """Write a `seconds`-long clip whose frames are blue by second (see `second_shade`)."""
+    """Write a `seconds`-long clip (at most 45) whose frames are blue by second (see `second_shade`)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(CODECS[path.suffix], rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
@@ -35,4 +35,4 @@ def make_clip(path: Path, seconds: int = 2, fps: int = 10, size: tuple[int, int]
 def frame_second(frame) -> int:
     """Which second of a `make_clip` clip a decoded frame shows (from its blue value)."""
     blue = float(np.asarray(frame)[..., 2].mean())
-    return round((blue - 20) / 10)
+    return round((blue - 20) / 5)
