@@ -36,14 +36,15 @@ MESSAGE_OVERHEAD = 16
 # run video): more slices per frame would multiply a clip's tokens by up to 37.
 VIDEO_SLICE_NUMS = 1
 # Preprocessed pictures and video frames (pixels and placeholder text) remembered by content
-# digest and visual settings, in host
-# memory. 128 MB: at full size a 1344-px picture becomes 23 MB of float32 pixels (10 slices of
-# 448 px), so a message of four and then some; the tiny model's are under 1 MB each.
+# digest and visual settings, in host memory. 128 MB: at full size a 1344-px picture becomes
+# 23 MB of float32 pixels (10 slices of 448 px), so a message of four and then some; the tiny
+# model's are under 1 MB each. A video's 32 default frames take about 77 MB at full size.
 IMAGE_CACHE_BYTES = 128 * 2**20
-# Vision-tower outputs remembered per set of images: follow-up questions about the same
-# pictures (and visitors clicking the same example) skip the vision tower. They live where the
-# model runs (GPU memory, which the batch's key/value cache needs too); at full size a large
-# picture's features take tens of MB, so 256 MB keep a few sets of pictures.
+# Vision-tower outputs remembered per set of pictures or video frames and their settings:
+# follow-up questions about the same pictures (and visitors clicking the same example) skip the
+# vision tower. They live where the model runs (GPU memory, which the batch's key/value cache
+# needs too); at full size a large picture's features take tens of MB, so 256 MB keep a few
+# sets of pictures.
 VISION_CACHE_BYTES = 256 * 2**20
 
 
@@ -67,7 +68,7 @@ class PartialPrefill:
 
     prompt: Prompt
     ids: list[int]
-    images: tuple[int, int] | None  # [first, last + 1) of the picture and video placeholders: never split
+    images: tuple[int, int] | None  # [first, last + 1) of the visual placeholders: never split
     done: int = 0
     cache: object = None
 
@@ -107,7 +108,7 @@ class NativeRunner:
 
     # -- encoding (caller threads) ---------------------------------------------------------
     def encode(self, conversation: Conversation) -> Prompt:
-        """Apply the chat template and the processor; pictures and videos go in the order they appear.
+        """Apply the chat template and the processor; pictures and videos go in their order.
 
         Does what `processor(images=..., videos=..., text=...)` does, but preprocesses each picture
         and video once per visual setting (cached by content digest): follow-up turns resend the
@@ -214,7 +215,8 @@ class NativeRunner:
 
         The engine runs decode steps for the other rows between pieces, so one long prompt
         delays them by a piece's time, not by the whole prompt's. The pictures' placeholders are
-        never split: the piece that reaches them takes them all (pictures and videos), with their features.
+        never split: the piece that reaches them takes them all (pictures and videos), with their
+        features.
         """
         start = partial.done
         end = min(start + tokens, len(partial.ids))
