@@ -63,7 +63,7 @@ class VideoLimits:
 
 @dataclass(frozen=True)
 class PreparedVideo:
-    frames: tuple[Image.Image, ...]  # RGB, evenly spaced in time, longer side at most FRAME_SIDE
+    frames: tuple[Image.Image, ...]  # upright RGB, evenly spaced in time, longer side at most FRAME_SIDE
     seconds: float  # the clip's duration
     digest: str  # sha256 of the frames: same frames, same digest, any file
     notices: tuple[str, ...] = ()
@@ -193,10 +193,15 @@ def _frame_seconds(stream) -> float:
 
 
 def _still(frame) -> Image.Image:
-    """One decoded frame as an RGB picture, scaled by FFmpeg to at most FRAME_SIDE."""
+    """One decoded frame as an upright RGB picture, scaled by FFmpeg to at most FRAME_SIDE.
+
+    Phones store portrait video as landscape frames plus a display rotation; turned here, as a
+    player would show it, so the model does not see people lying on their side.
+    """
     width, height = frame.width, frame.height
     scale = min(1.0, FRAME_SIDE / max(width, height))
-    return frame.to_image(width=max(2, round(width * scale)), height=max(2, round(height * scale)))
+    image = frame.to_image(width=max(2, round(width * scale)), height=max(2, round(height * scale)))
+    return image.rotate(frame.rotation, expand=True) if frame.rotation else image  # both counterclockwise
 
 
 @contextmanager

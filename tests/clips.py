@@ -16,14 +16,20 @@ def second_shade(second: int) -> int:
     return 20 + 5 * second
 
 
-def make_clip(path: Path, seconds: int = 2, fps: int = 10, size: tuple[int, int] = (96, 64)) -> Path:
-    """Write a `seconds`-long clip (at most 45) whose frames are blue by second (see `second_shade`)."""
+def make_clip(path: Path, seconds: int = 2, fps: int = 10, size: tuple[int, int] = (96, 64),
+              rotation: int = 0) -> Path:
+    """Write a `seconds`-long clip (at most 45) whose frames are blue by second (see
+    `second_shade`), with a green left half, shown turned `rotation` degrees counterclockwise
+    (as a phone marks portrait video)."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(CODECS[path.suffix], rate=fps)
         stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for index in range(seconds * fps):
             pixels = np.zeros((size[1], size[0], 3), np.uint8)
             pixels[..., 2] = second_shade(index // fps)
+            pixels[:, : size[0] // 2, 1] = 200
             pixels[..., 0] = 40 * (index % fps) // fps  # frames within a second differ a little
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)

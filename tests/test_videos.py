@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -43,6 +44,14 @@ def test_long_clips_give_evenly_spaced_frames_up_to_the_count(tmp_path):
     # 20 s between the wanted frames: reached by seeking, same frames as decoding through.
     assert [frame_second(f) for f in prepare_video(clip, VideoLimits(), frames=2).frames] == [10, 30]
     assert sample_times(40, 2) == [10, 30] and sample_times(0.4, 8) == [0.2]
+
+
+def test_portrait_phone_video_is_turned_upright(tmp_path):
+    clip = make_clip(tmp_path / "phone.mov", seconds=1, rotation=-90)  # shown turned a quarter clockwise
+    (frame,) = prepare_video(clip, VideoLimits(), frames=4).frames
+    pixels = np.asarray(frame)
+    assert frame.size == (64, 96)
+    assert pixels[:40, :, 1].mean() > 150 and pixels[56:, :, 1].mean() < 50  # the green left half is on top
 
 
 def test_large_frames_are_kept_small_and_same_frames_share_a_digest(tmp_path):
