@@ -4,6 +4,7 @@ MiniCPM-V 4.6 processor's video path, and answered by the engine beside picture 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 from clips import frame_second, make_clip
 from conftest import asset_image
 from minicpmv_demo.chat_input import InputError, InputRules, build_conversation
-from minicpmv_demo.chat_service import ChatService
+from minicpmv_demo.chat_service import ChatService, upload_root
 from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.gpu import GpuMemory
@@ -138,6 +139,21 @@ def test_the_service_clamps_frames_to_the_server_cap_and_refuses_videos_a_model_
     assert service.rules.video_limits == VideoLimits(max_file_bytes=20 * 2**20, max_seconds=600.0)
     with pytest.raises(InputError, match="max frames setting must be a number"):
         service.options(max_num_frames="all")
+
+
+def test_an_uploaded_video_is_answered_through_the_service(tiny_settings, make_engine):
+    """The whole path a front end takes: an upload in the upload folder, the server's limits,
+    the request's frame count, the engine."""
+    folder = Path(upload_root()) / "test-videos"
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = make_clip(folder / "clip.mp4", seconds=4)
+    service = ChatService(make_engine(), replace(tiny_settings, max_video_seconds=5), GpuMemory())
+    message = {"text": "What happens?", "files": [str(clip)]}
+    stream, _ = service.submit(message, [], GREEDY, options=service.options(max_num_frames=3))
+    assert stream.result(timeout=60) and stream.stats.tokens > 0
+    refused = replace(tiny_settings, max_video_seconds=3)
+    with pytest.raises(InputError, match="clip.mp4 is 4 s long; the limit is 3 s."):
+        ChatService(make_engine(), refused, GpuMemory()).submit(message, [], GREEDY)
 
 
 # --- the model -------------------------------------------------------------------------------------
