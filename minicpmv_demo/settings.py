@@ -11,8 +11,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
-from .conversation import MAX_NUM_FRAMES
-
 ENV_PREFIX = "MINICPMV_"
 MAX_STREAM_INTERVAL = 0.25  # seconds: the update budget never spaces one reply's updates further
 TINY_MODEL = "tiny"
@@ -65,8 +63,7 @@ class Settings:
                                       "second for shorter clips); MiniCPM-V 4.6 reads each as 64 tokens, "
                                       "256 in fine detail"})
     max_video_frames: int = field(
-        default=64, metadata={"help": f"most frames a request may ask for (max_num_frames is clamped to it; "
-                                      f"at most {MAX_NUM_FRAMES})"})
+        default=64, metadata={"help": "most frames a request may ask for (max_num_frames is clamped to it)"})
     max_message_chars: int = field(default=100_000, metadata={"help": "longest message text accepted"})
     max_history_messages: int = field(
         default=400, metadata={"help": "most earlier messages a request may carry (the page shows each "
@@ -202,6 +199,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--max-body-mb must be positive")
     if settings.max_video_mb <= 0 or settings.max_video_seconds <= 0:
         problems.append("--max-video-mb and --max-video-seconds must be positive")
+    from .conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries
+
     if not 1 <= settings.video_frames <= settings.max_video_frames <= MAX_NUM_FRAMES:
         problems.append(f"--video-frames and --max-video-frames must satisfy 1 <= --video-frames <= "
                         f"--max-video-frames <= {MAX_NUM_FRAMES}")
