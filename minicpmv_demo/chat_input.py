@@ -4,7 +4,8 @@ Messages arrive in several shapes: Gradio's normalised parts (`{"type": "file", 
 plain strings, bare file dicts from API clients. They are read leniently, but every file is
 checked strictly: it must lie in an upload folder (never an arbitrary server path) and pass
 image validation (video validation for .mp4, .webm and .mov files). Messages that carry
-`metadata` are display-only (the stats line under a reply) and are never sent back to the model.
+`metadata` are display-only (the stats line under a reply, a reply's reasoning) and are never
+sent back to the model, nor is reasoning written inside an earlier reply's text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .byte_size import byte_size
 from .conversation import Conversation, PromptOptions, Turn
 from .images import ImageError, ImageLimits, PreparedImage, prepare_image
 from .lru import LruCache
+from .reasoning import without_reasoning
 from .videos import PreparedVideo, VideoError, VideoLimits, is_video_path, prepare_video
 
 
@@ -102,8 +104,11 @@ def _history_turns(history: list, rules: InputRules, frames: int) -> list[Turn]:
             raise InputError(f"The chat is too long: its earlier messages hold over "
                              f"{rules.max_history_chars:,} characters. Clear the chat or start a new one.")
         text = "\n".join(t for t in texts if t)
-        # The model never sees files "said" by the assistant, so they are not even opened.
-        turns.append(_user_turn(text, paths, rules, frames) if entry["role"] == "user" else Turn("assistant", text))
+        # The model never sees files "said" by the assistant, so they are not even opened. An
+        # earlier reply goes back as its answer alone: reasoning sent back confuses the model
+        # (upstream, `</think>` went missing after the first turn) and costs context.
+        turns.append(_user_turn(text, paths, rules, frames) if entry["role"] == "user"
+                     else Turn("assistant", without_reasoning(text)))
     return turns
 
 

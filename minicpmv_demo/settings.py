@@ -49,6 +49,14 @@ class Settings:
         default=0.9, metadata={"help": "share of GPU memory the engine may fill with caches"})
     cache_size: int = field(default=128, metadata={"help": "greedy replies remembered (0 disables)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "server cap on new tokens per reply"})
+    max_thinking_tokens: int = field(
+        default=2048, metadata={"help": "most tokens one reply may spend reasoning (inside <think>) before the "
+                                        "server closes the block so the model answers, and says so; never more "
+                                        "than 3/4 of the reply's max new tokens (0 = no cap)"})
+    default_thinking: str = field(
+        default="auto", metadata={"help": "whether a request that does not choose gets reasoning: auto = on for a "
+                                          "Thinking checkpoint (its id or path says 'Thinking'), off otherwise",
+                                  "choices": ("auto", "on", "off")})
     default_new_tokens: int = field(default=512, metadata={"help": "initial value of the slider"})
     max_images: int = field(default=4, metadata={"help": "most images in one message"})
     max_file_mb: float = field(default=20.0, metadata={"help": "largest upload accepted"})
@@ -189,6 +197,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--torch-threads must be 0 (auto) or more")
     if settings.cache_size < 0:
         problems.append("--cache-size must be 0 or more")
+    if settings.max_thinking_tokens < 0:
+        problems.append("--max-thinking-tokens must be 0 (no cap) or more")
     if not 0.05 <= settings.gpu_memory_utilization <= 1.0:
         problems.append("--gpu-memory-utilization must be between 0.05 and 1")
     if settings.panel_interval <= 0:

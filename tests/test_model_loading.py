@@ -123,6 +123,7 @@ def test_remote_code_model_needs_the_flag_then_runs_through_the_engine(tmp_path,
     assert [s.result(timeout=30).split() for s in streams] == [
         ["seen", "2", "images", "for", "question", str(i), "greedy"] for i in range(3)]
     assert [s.stats.tokens for s in streams] == [7, 7, 7], "every piece chat() streamed is counted"
+    assert not loaded.thinks_by_default and not any(s.thinking for s in streams), "2.5 / 2.6 never reason"
     # A chat longer than the model's context loses its oldest exchanges here too.
     loaded.runner.context_length = 2000
     filler = " ".join(["the picture shows a house"] * 150)
@@ -187,8 +188,7 @@ def test_cached_encoding_equals_the_processor(loaded_tiny):
         conversation = ask("Describe these.", *names)
         for _ in range(2):  # the second time from the cache
             mine = runner.encode(conversation).inputs
-            text = runner.processor.apply_chat_template(conversation.to_template_messages(),
-                                                        add_generation_prompt=True, tokenize=False)
+            text = runner.render(conversation)  # the chat template, with the thinking switch set
             pictures = [[image.image for image in conversation.images()]] if names else None
             reference = runner.processor(images=pictures, text=[text], return_tensors="pt")
             assert sorted(mine) == sorted(reference.keys())

@@ -45,7 +45,9 @@ def video_part(path, mime: str = "video/mp4") -> dict:
 
 def test_mm_processor_kwargs_reach_the_vision_tower(served):
     app, url = served
-    reply = post(url, [picture_part()], mm_processor_kwargs={"downsample_mode": "4x", "max_slice_nums": 2})
+    reply = post(url, [picture_part()], mm_processor_kwargs={"downsample_mode": "4x", "max_slice_nums": 2},
+                 chat_template_kwargs={"enable_thinking": True})  # both fields read, neither lost
+    assert reply.json()["choices"][0]["message"].get("reasoning_content")
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
     digest = prepare_image(ASSETS / "chart.png").digest
     key = _visual_key("image", PromptOptions(downsample_mode="4x", max_slice_nums=2), [digest])

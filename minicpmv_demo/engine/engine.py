@@ -28,6 +28,7 @@ from ..gpu import peak_memory_mb, reset_peak_memory
 from ..lru import LruCache
 from .context import ContextError, fit_to_context
 from .detokenizer import IncrementalDecoder
+from .reasoning_budget import ReasoningBudget, budget_for
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from .sampling import sample_for
 
@@ -59,20 +60,35 @@ class _Row:
     started_at: float = 0.0
     largest_batch: int = 1
     reserved_bytes: int = 0
+    reasoning: ReasoningBudget | None = None  # caps a thinking row's reasoning (reasoning_budget.py)
+
+
+@dataclass(frozen=True)
+class _CachedReply:
+    """A finished greedy reply, with what its stream said about it besides the text."""
+
+    text: str
+    thinking: bool
+    prompt_tokens: int
+    tokens: int
 
 
 class Engine:
     """Owns a model runner on one thread and serves every request through it."""
 
     def __init__(self, runner, *, max_batch: int = 8, cache_size: int = 128,
-                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None) -> None:
-        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call."""
+                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None,
+                 max_thinking_tokens: int = 0) -> None:
+        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call.
+        `max_thinking_tokens`: each reply's reasoning budget (0 = no cap; the app passes
+        --max-thinking-tokens), see reasoning_budget.py."""
         self.runner = runner
+        self.max_thinking_tokens = max_thinking_tokens
         self.batch_call = batch_call
         self.max_batch = max_batch if runner.supports_batching else 1
         self.ceiling = self.max_batch
         self.memory_budget_bytes = memory_budget_bytes
-        self.reply_cache: LruCache[str] = LruCache(cache_size)  # greedy replies by chat and settings
+        self.reply_cache: LruCache[_CachedReply] = LruCache(cache_size)  # greedy replies by chat and settings
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
         self._seed = seed
         self._generator: torch.Generator | None = None
@@ -127,8 +143,9 @@ class Engine:
         key = self._cache_key(conversation, params)
         cached = self.reply_cache.get(key) if key else None
         if cached is not None:
-            stream.append(cached)
-            stream.finish(ReplyStats(tokens=0, seconds=time.perf_counter() - stream.submitted_at,
+            stream.thinking, stream.prompt_tokens = cached.thinking, cached.prompt_tokens
+            stream.append(cached.text)
+            stream.finish(ReplyStats(tokens=cached.tokens, seconds=time.perf_counter() - stream.submitted_at,
                                      batch_size=0, peak_memory_mb=None,
                                      finish_reason=FinishReason.STOP, from_cache=True))
             return stream
@@ -136,7 +153,11 @@ class Engine:
         if prompt is None:
             return stream
         self._restart_if_dead()
-        row = _Row(stream=stream, prompt=prompt, params=params,
+        stream.thinking, stream.prompt_tokens = prompt.thinking, prompt.length
+        # Under ZeroGPU the GPU call decodes on its own: a forced token could not reach the model.
+        budget = None if self.batch_call else budget_for(self.runner.reasoning_tags, self.max_thinking_tokens,
+                                                         params.max_new_tokens, prompt.thinking)
+        row = _Row(stream=stream, prompt=prompt, params=params, reasoning=budget,
                    decoder=IncrementalDecoder(self.runner.tokenizer, self._token_texts), cache_key=key)
         with self._wake:
             self._waiting.append(row)
@@ -399,6 +420,10 @@ class Engine:
     def _accept(self, row: _Row, token: int) -> None:
         """Hand `token` to `row`; a stop token ends the row without counting as generated text."""
         self._count_tokens(1)
+        if row.reasoning is not None:  # before the stop check: a spent budget closes, never ends, the reasoning
+            token, notice = row.reasoning.steer(token)
+            if notice:
+                row.stream.notices.append(notice)
         if token in self.runner.stop_token_ids:
             row.finish_reason = FinishReason.STOP
             return
@@ -447,7 +472,8 @@ class Engine:
         row.stream.finish(ReplyStats(tokens=len(row.generated), seconds=seconds, batch_size=row.largest_batch,
                                      peak_memory_mb=peak, finish_reason=reason))
         if row.cache_key and reason in (FinishReason.STOP, FinishReason.LENGTH):
-            self.reply_cache.put(row.cache_key, row.stream.text)
+            self.reply_cache.put(row.cache_key, _CachedReply(row.stream.text, row.stream.thinking,
+                                                             row.stream.prompt_tokens, len(row.generated)))
 
     def _fail(self, row: _Row, message: str) -> None:
         """End `row` with a message for its user; it leaves the batch at the next release."""

@@ -34,6 +34,7 @@ class LegacyPrompt:
     image: object | None
     system_prompt: str
     length: int  # estimated tokens, counted as `turn_length` counts them
+    thinking: bool = False  # 2.5 / 2.6 never reason
     max_slice_nums: int | None = None  # passed to chat() when it takes it; None: its default
 
 
@@ -41,6 +42,8 @@ class LegacyRunner:
     """Serial runner for models whose only entry point is `model.chat(...)`."""
 
     supports_batching = False
+    thinks_by_default = False
+    reasoning_tags = None  # no reasoning, so nothing for the engine's reasoning budget to count
     reads_video = False
 
     def __init__(self, model, tokenizer) -> None:

@@ -52,6 +52,12 @@ class LoadedModel:
         precision = self.quantization if self.quantization != "none" else self.dtype
         return f"{self.model_id} · {precision} · {self.device}"
 
+    @property
+    def thinks_by_default(self) -> bool:
+        """Whether a request that does not choose gets reasoning (where the page's Thinking
+        toggle starts). Legacy 2.5 / 2.6 checkpoints never think."""
+        return getattr(self.runner, "thinks_by_default", False)
+
 
 def resolve_model_id(settings: Settings, cuda: bool) -> str:
     """`auto` means the real model where it can run (a CUDA GPU) and the tiny one elsewhere."""
@@ -79,7 +85,7 @@ def load_model(settings: Settings) -> LoadedModel:
     log.info("loading %s (%s, %s, device_map=%s)", model_id, dtype, quantization, device_map)
     try:
         if model_type in NATIVE_MODEL_TYPES:
-            runner = _load_native(source, kwargs)
+            runner = _load_native(source, kwargs, thinks_by_default(settings.default_thinking, model_id))
         else:
             runner = _load_legacy(source, kwargs)
     except torch.OutOfMemoryError:
@@ -158,12 +164,26 @@ def _choose_device_map(device_map: str, cuda: bool) -> str:
     return device_map
 
 
-def _load_native(source: str, kwargs: dict) -> NativeRunner:
+def thinks_by_default(choice: str, model_id: str) -> bool:
+    """`--default-thinking`: "on", "off", or "auto": on for a Thinking checkpoint.
+
+    MiniCPM-V 4.6 ships its Instruct and Thinking models as separate checkpoints whose chat
+    templates both take the same switch, so the template cannot tell them apart; their names
+    can: `openbmb/MiniCPM-V-4.6-Thinking`, its `-BNB` variant, and any local copy whose path
+    keeps the name (the hub cache's `models--openbmb--MiniCPM-V-4.6-Thinking/snapshots/...`).
+    A copy under another name needs `--default-thinking on`.
+    """
+    if choice != "auto":
+        return choice == "on"
+    return "thinking" in model_id.lower()
+
+
+def _load_native(source: str, kwargs: dict, thinks: bool) -> NativeRunner:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(source)
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).eval()
-    return NativeRunner(model, processor)
+    return NativeRunner(model, processor, thinks_by_default=thinks)
 
 
 def _load_legacy(source: str, kwargs: dict) -> LegacyRunner:

@@ -26,7 +26,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..byte_size import byte_size
 from ..conversation import Conversation, PromptOptions, Turn
+from ..engine.reasoning_budget import reasoning_tags
 from ..lru import LruCache
+from ..reasoning import prompt_opens_reasoning
 
 
 # Tokens the chat template adds around one message, picture or video (role markers, image ids):
@@ -56,6 +58,7 @@ class Prompt:
     images_key: str = ""  # the visual settings and the images' content digests; "" without images
     videos_key: str = ""  # the same for videos; "" without videos
     downsample_mode: str = "16x"  # what the vision tower does with this prompt's pictures and frames
+    thinking: bool = False  # the prompt ends inside an open `<think>`: the reply starts as reasoning
 
     @property
     def length(self) -> int:
@@ -91,10 +94,17 @@ class NativeRunner:
     supports_batching = True
     reads_video = True  # through the processor's video path (MiniCPM-V 4.6 and later)
 
-    def __init__(self, model, processor) -> None:
+    def __init__(self, model, processor, thinks_by_default: bool = False) -> None:
+        """`thinks_by_default`: what a request that does not choose gets (a Thinking checkpoint
+        thinks, an Instruct one answers straight away; see loading.py)."""
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.thinks_by_default = thinks_by_default
+        self.reasoning_tags = reasoning_tags(self.tokenizer)
+        # Templates with Qwen3.5's switch get it on every request, never their own default (4.6
+        # Instruct's template thinks unless told not to); others are not handed a stray variable.
+        self._template_switches_thinking = "enable_thinking" in (processor.chat_template or "")
         self.device = model.device
         # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"):
         # encoding runs on the callers' threads, so it takes turns here instead of in the engine.
@@ -115,12 +125,12 @@ class NativeRunner:
         same ones every time. Pictures get image ids when the checkpoint uses them; videos never do.
         """
         options = conversation.options
-        messages = conversation.to_template_messages()
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.render(conversation)
+        thinking = prompt_opens_reasoning(text)
         images, videos = conversation.images(), conversation.videos()
         with self._encode_lock:
             if not images and not videos:
-                return Prompt(inputs=dict(self.processor(text=[text], return_tensors="pt")))
+                return Prompt(inputs=dict(self.processor(text=[text], return_tensors="pt")), thinking=thinking)
             image_parts = [self._preprocessed(image, options) for image in images]
             video_parts = [self._preprocessed_video(video, options) for video in videos]
             image_texts = [replacement for _, _, replacement in image_parts]
@@ -129,7 +139,7 @@ class NativeRunner:
             texts, _ = self.processor.get_text_with_replacements(
                 [text], image_texts, [replacement for _, _, replacement in video_parts])
             inputs = dict(self.tokenizer(texts, return_tensors="pt"))
-        prompt = Prompt(inputs=inputs, downsample_mode=options.downsample_mode)
+        prompt = Prompt(inputs=inputs, downsample_mode=options.downsample_mode, thinking=thinking)
         if image_parts:
             inputs["pixel_values"] = torch.cat([pixels for pixels, _, _ in image_parts], dim=-1)
             inputs["target_sizes"] = torch.cat([sizes for _, sizes, _ in image_parts])
@@ -139,6 +149,16 @@ class NativeRunner:
             inputs["target_sizes_videos"] = torch.cat([sizes for _, sizes, _ in video_parts])
             prompt.videos_key = _visual_key("video", options, [video.digest for video in videos])
         return prompt
+
+    def render(self, conversation: Conversation) -> str:
+        """The prompt text the chat template makes of `conversation`, with the thinking switch
+        set from the request's choice, else the checkpoint's default."""
+        switch = {}
+        if self._template_switches_thinking:
+            chosen = conversation.options.enable_thinking
+            switch["enable_thinking"] = self.thinks_by_default if chosen is None else chosen
+        return self.processor.apply_chat_template(conversation.to_template_messages(), add_generation_prompt=True,
+                                                  tokenize=False, **switch)
 
     def turn_length(self, turn: Turn, options: PromptOptions = PromptOptions()) -> int:
         """Tokens `turn` takes in a prompt with `options`: its text, its pictures' and videos'
