@@ -19,6 +19,7 @@ from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
 from .engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
 from .gpu import GpuMemory, describe_gpus, process_rss_mb
 from .images import ImageLimits
+from .videos import VideoLimits
 from .settings import MAX_STREAM_INTERVAL, Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -45,6 +46,11 @@ class ChatService:
             max_message_chars=settings.max_message_chars,
             max_history_messages=settings.max_history_messages,
             max_history_chars=settings.max_history_chars,
+            video_limits=VideoLimits(max_file_bytes=int(settings.max_video_mb * 1024 * 1024),
+                                     max_seconds=settings.max_video_seconds)
+            if getattr(engine.runner, "reads_video", False) else None,
+            max_videos=settings.max_videos,
+            video_frames=settings.video_frames,
         )
         # The settings a client that sends none gets, and the page's sliders start at: the
         # checkpoint's where it names them (clamped like a client's), the server's own elsewhere.
@@ -79,7 +85,8 @@ class ChatService:
                 max_num_frames=None) -> PromptOptions:
         """How the prompt is built, from what a client sends; None keeps the checkpoint's default.
 
-        Numbers are clamped into range like the sampling settings; a choice that is not one of
+        Numbers are clamped into range like the sampling settings (frames to the server's
+        --max-video-frames); a choice that is not one of
         the allowed ones (a detail mode, a non-boolean thinking switch) is refused with a message.
         """
         if enable_thinking is not None and not isinstance(enable_thinking, bool):
@@ -91,7 +98,8 @@ class ChatService:
             enable_thinking=enable_thinking,
             downsample_mode=downsample_mode or DOWNSAMPLE_MODES[0],
             max_slice_nums=_whole_within("max slices", max_slice_nums, MAX_SLICE_NUMS),
-            max_num_frames=_whole_within("max frames", max_num_frames, MAX_NUM_FRAMES),
+            max_num_frames=_whole_within("max frames", max_num_frames,
+                                         min(self.settings.max_video_frames, MAX_NUM_FRAMES)),
         )
 
     def submit(self, message, history, params: SamplingParams, system_prompt: str = "", *,

@@ -57,7 +57,7 @@ class App:
             "server_port": settings.port or None,
             "share": settings.share,
             "auth": settings.auth_pair,
-            "max_file_size": int(settings.max_file_mb * 1024 * 1024),
+            "max_file_size": int(settings.max_upload_mb * 1024 * 1024),  # a picture or a video
             # A streaming event holds a worker thread for its whole reply.
             "max_threads": settings.concurrency + 16,
             # Refusals raised inside Gradio itself (a file path that was never uploaded, a value

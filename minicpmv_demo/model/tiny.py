@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
     from transformers import MiniCPMV4_6Processor, TokenizersBackend
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
-TINY_MODEL_VERSION = "v5"
+TINY_MODEL_VERSION = "v6"
 SEED = 1234
 
 SPECIAL_TOKENS = {
@@ -66,7 +66,8 @@ PUNCTUATION = list(".,:;!?'\"()-/%$#&*+=<>[]{}")
 DIGITS = list("0123456789")
 
 # ChatML with Qwen3.5's reasoning switch, as MiniCPM-V 4.6 uses. An image part renders as one
-# placeholder that the processor expands into the image's slices. Like Qwen3.5's template:
+# placeholder that the processor expands into the image's slices, a video part as one that it
+# expands into the video's frames. Like Qwen3.5's template:
 # - the generation prompt opens `<think>\n` (the reply starts as reasoning) unless
 #   `enable_thinking` is false, which renders an empty, closed block `<think>\n\n</think>\n\n`;
 # - an earlier assistant turn is rendered without its reasoning (what precedes its last
@@ -76,6 +77,7 @@ CHAT_TEMPLATE = (
     "{%- if content is string %}{{- content }}"
     "{%- else %}{%- for part in content %}"
     "{%- if part['type'] == 'image' %}{{- '<|image_pad|>\\n' }}"
+    "{%- elif part['type'] == 'video' %}{{- '<|video_pad|>\\n' }}"
     "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
     "{%- endmacro %}"
