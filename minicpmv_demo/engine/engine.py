@@ -65,13 +65,23 @@ class Engine:
     """Owns a model runner on one thread and serves every request through it."""
 
     def __init__(self, runner, *, max_batch: int = 8, cache_size: int = 128,
-                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None) -> None:
-        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call."""
+                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None,
+                 max_model_len: int = 0, enforce_eager: bool = False) -> None:
+        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call.
+
+        Runners with preallocated slots (`new_slots`) get `max_batch` slots of `max_model_len`
+        tokens (0: sized from `memory_budget_bytes`), and, unless `enforce_eager`, captured
+        decode steps where the device allows; ZeroGPU keeps no state between calls, so no slots.
+        """
         self.runner = runner
         self.batch_call = batch_call
         self.max_batch = max_batch if runner.supports_batching else 1
         self.ceiling = self.max_batch
         self.memory_budget_bytes = memory_budget_bytes
+        self.enforce_eager = enforce_eager
+        self._use_slots = hasattr(runner, "new_slots") and runner.supports_batching and batch_call is None
+        self.context_length = (runner.slot_length(self.max_batch, max_model_len, memory_budget_bytes)
+                               if self._use_slots else runner.context_length)
         self.reply_cache: LruCache[str] = LruCache(cache_size)  # greedy replies by chat and settings
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
         self._seed = seed
@@ -92,6 +102,8 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Engine:
+        if self._use_slots and self._batch is None:
+            self._batch = self.runner.new_slots(self.max_batch, self.context_length, capture=not self.enforce_eager)
         self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
         self._thread.start()
         return self
@@ -146,7 +158,7 @@ class Engine:
     def _fit_context(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream):
         """Leave out the oldest exchanges until the chat fits the model's context, and say so."""
         try:
-            fitted = fit_to_context(self.runner, conversation, params.max_new_tokens)
+            fitted = fit_to_context(self.runner, conversation, params.max_new_tokens, self.context_length)
         except ContextError as exc:
             stream.fail(str(exc))
             return None, params
@@ -419,19 +431,20 @@ class Engine:
             row.largest_batch = max(row.largest_batch, len(self._rows))
 
     def _release_finished(self) -> None:
-        """Let finished and cancelled rows leave the batch; the rest keep their order.
+        """Let finished and cancelled rows leave the batch; each hole takes the last row.
 
         Rows leave the batch before their replies end: whoever waits on an ending reply (the
         admission gate hands its place to the next request) finds the batch without it.
         """
-        keep = []
+        alive = []
         for index, row in enumerate(self._rows):
             if row.finish_reason is None and row.stream.cancelled:
                 row.finish_reason = FinishReason.CANCELLED
             if row.finish_reason is None:
-                keep.append(index)
-        if len(keep) == len(self._rows):
+                alive.append(index)
+        if len(alive) == len(self._rows):
             return
+        keep = fill_holes(alive)
         leaving = [row for row in self._rows if row.finish_reason is not None]
         self._batch = self.runner.select(self._batch, keep)
         self._rows = [self._rows[i] for i in keep]
@@ -458,8 +471,13 @@ class Engine:
         piecewise = [self._piecewise[0]] if self._piecewise else []
         for row in [*self._rows, *piecewise]:
             self._fail(row, message)
-        self._rows, self._batch, self._piecewise = [], None, None
+        self._rows, self._batch, self._piecewise = [], self._emptied_batch(), None
         self._after_idle()
+
+    def _emptied_batch(self):
+        """No rows left: preallocated slots are cleared and kept (their captured graphs too)."""
+        empty = getattr(self.runner, "empty", None)
+        return empty(self._batch) if empty is not None else None
 
     def _after_idle(self) -> None:
         """The batch emptied: start the next batch's peak-memory measurement afresh."""
@@ -511,7 +529,7 @@ class Engine:
         no row's cache is trusted: each row is re-prefilled from its prompt plus the tokens it
         already streamed, which continues it exactly where it was.
         """
-        rows, self._rows, self._batch = self._rows, [], None
+        rows, self._rows, self._batch = self._rows, [], self._emptied_batch()
         _free_memory()
         if len(rows) == 1:
             self._fail(rows[0], TOO_LARGE_MESSAGE)
@@ -528,6 +546,17 @@ INVALID_OUTPUT_MESSAGE = ("The model produced invalid numbers for this request, 
                           "Please try again, perhaps with a lower temperature.")
 TOO_LARGE_MESSAGE = ("This request does not fit in the GPU memory, even alone. Try fewer or smaller "
                      "images, a shorter chat, or fewer new tokens.")
+
+
+def fill_holes(alive: list[int]) -> list[int]:
+    """The new row order after a leave: rows stay put, and each hole takes a row from the end.
+
+    With rows in preallocated slots, a leave then moves one row (the last) instead of shifting
+    every row after the hole; each kept row only ever moves to a lower index.
+    """
+    size, alive_set = len(alive), set(alive)
+    tail = [index for index in alive if index >= size]
+    return [index if index in alive_set else tail.pop() for index in range(size)]
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
