@@ -37,3 +37,40 @@ def published_config(text_layers: int = 0, vision_layers: int = 0):
     vision = dict(VISION, num_hidden_layers=vision_layers or VISION["num_hidden_layers"])
     top = dict(TOP, insert_layer_id=min(TOP["insert_layer_id"], vision["num_hidden_layers"] - 1))
     return MiniCPMV4_6Config(text_config=text, vision_config=vision, **top)
+
+
+def random_published_runner(device: str, dtype, text_layers: int = 0, vision_layers: int = 0):
+    """A `NativeRunner` over the published shape with random weights, built in memory on `device`.
+
+    The tokenizer is the tiny model's word vocabulary padded with made-up words to the full
+    vocabulary (every id decodes to one word that encodes back to one token); the processor
+    slices pictures as the published one does. Returns (runner, parameters, parameters one
+    decoded token reads: the text layers and the head, not the vision tower nor the embeddings).
+    """
+    import torch
+    from transformers import MiniCPMV4_6ForConditionalGeneration
+
+    from .native import NativeRunner
+    from .tiny import build_processor, build_word_tokenizer, multimodal_token_ids
+
+    config = published_config(text_layers, vision_layers)
+    tokenizer = build_word_tokenizer(config.text_config.vocab_size)
+    config.text_config.eos_token_id, config.text_config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config.update(multimodal_token_ids(tokenizer))
+    processor = build_processor(tokenizer, dict(PROCESSOR, patch_size=config.vision_config.patch_size))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in its dtype directly: half the memory of fp32 for bf16
+    try:
+        with torch.device(device):
+            model = MiniCPMV4_6ForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    read_per_token = count(model.get_decoder()) - count(model.get_input_embeddings()) \
+        + count(model.get_output_embeddings())
+    return NativeRunner(model, processor), count(model), read_per_token
