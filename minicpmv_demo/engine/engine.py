@@ -367,9 +367,11 @@ class Engine:
                 if isinstance(event, dict):
                     peak = event.get("peak_memory_mb")
                     continue
-                for index, token in event:
-                    if rows[index].finish_reason is None and not rows[index].stream.cancelled:
-                        self._give(rows[index], token)
+                given = [(rows[index], token) for index, token in event
+                         if rows[index].finish_reason is None and not rows[index].stream.cancelled]
+                for row, token in given:
+                    self._give(row, token)
+                self._count_tokens(sum(token is not None for _, token in given))
         except Exception as exc:  # noqa: BLE001 - the call's rows fail, the engine goes on
             log.warning("GPU call failed: %r", exc)
             for row in rows:
@@ -395,6 +397,7 @@ class Engine:
         sampled = sample_for(logits, [r.params for r in rows], self._generator)
         for row, token in zip(rows, sampled.tokens, strict=True):
             self._give(row, token)
+        self._count_tokens(len(rows) - len(sampled.failed_rows))  # once per step, not per row
 
     def _give(self, row: _Row, token: int | None) -> None:
         """One row's token of a step (None: its logits were unusable); its faults stay its own."""
@@ -409,8 +412,10 @@ class Engine:
             self._fail(row, "The model could not answer this request. Please try again.")
 
     def _accept(self, row: _Row, token: int) -> None:
-        """Hand `token` to `row`; a stop token ends the row without counting as generated text."""
-        self._count_tokens(1)
+        """Hand `token` to `row`; a stop token ends the row without counting as generated text.
+
+        (The step's tokens are counted for the meter once per step by the caller.)
+        """
         if token in self.runner.stop_token_ids:
             row.finish_reason = FinishReason.STOP
             return
