@@ -217,3 +217,12 @@ def test_max_model_len_and_enforce_eager_settings():
     assert (parse_settings([], environ={}).max_model_len, parse_settings([], environ={}).enforce_eager) == (0, False)
     with pytest.raises(SystemExit):
         parse_settings(["--max-model-len", "-1"], environ={})
+
+
+def test_zerogpu_keeps_no_slots_between_calls(make_engine):
+    """On ZeroGPU each batch runs inside one lent GPU call: nothing may be preallocated outside it."""
+    from minicpmv_demo.zerogpu import decode_batch
+
+    engine = make_engine(max_batch=4, batch_call=decode_batch)
+    assert engine._batch is None
+    assert engine.submit(CONVERSATIONS[2], SamplingParams(max_new_tokens=5, temperature=0.0)).result(timeout=60)

@@ -1,16 +1,21 @@
 """The only code that runs a native transformers MiniCPM-V 4.x model, one decode step at a time.
 
 The engine decides *which* requests run together; this runner executes that decision:
-encode a conversation, prefill newcomers, merge their cache into the running batch, run one
-decode step for every row, and drop rows that left. MiniCPM-V 4.6's text model mixes
-full-attention layers (a key/value cache that grows along time) with linear-attention layers (a
-fixed-size state per row), so merging and dropping handle both kinds.
+encode a conversation, prefill newcomers, join them to the running batch, run one decode step
+for every row, and drop rows that left. MiniCPM-V 4.6's text model mixes full-attention layers
+(a key/value cache that grows along time) with linear-attention layers (a fixed-size state per
+row), so joining and dropping handle both kinds.
+
+The running rows live in preallocated slots (`SlotBatch`, slot_cache.py): a join copies the
+newcomer's prefill into a free slot, a leave frees one, and on CUDA the decode step is a
+captured graph (graphs.py). A newcomer's prefill, and ZeroGPU's whole batch (no state survives
+its GPU call), use one transformers cache instead (`Batch`): joined by concatenation, left by
+`index_select`.
 
 The vision tower reads images NaViT-packed for one sample at a time, so it runs per prompt (and
 its output is cached per set of images); the text model then prefills all newcomers at once.
 Rows of different lengths are left-padded; each row gets its own position ids and attention mask
-so padding never leaks in.
-"""
+so padding never leaks in."""
 
 from __future__ import annotations
 
