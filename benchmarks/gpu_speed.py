@@ -92,19 +92,29 @@ class Bench:
         """`count` image requests at once (every other one sampled); waits for all."""
         from dataclasses import replace
 
+        from minicpmv_demo.engine import ReplyError
+
         reset_peak(self.device)
         params = [self.sampled if i % 2 and sampled_share else self.greedy for i in range(count)]
         if new_tokens:
             params = [replace(p, max_new_tokens=new_tokens) for p in params]
         started = time.perf_counter()
         streams = [engine.submit(self.chats[i], params[i]) for i in range(count)]
-        texts = [stream.result(timeout=600) for stream in streams]
+        texts, errors = [], []
+        for stream in streams:  # a failed request is counted and shown, never the end of the run
+            try:
+                texts.append(stream.result(timeout=600))
+            except ReplyError as exc:
+                texts.append("")
+                errors.append(str(exc))
         wall = time.perf_counter() - started
+        if errors:
+            say(f"{len(errors)} of {count} requests failed, e.g.: {errors[0]}")
         ttfts = [(s.first_text_at or s.submitted_at) - s.submitted_at for s in streams]
-        tokens = sum(s.stats.tokens for s in streams)
+        tokens = sum(s.stats.tokens for s in streams if s.stats)
         return {"count": count, "tokens": tokens, "wall": wall, "tokens_per_s": tokens / wall,
                 "ttft_p50": statistics.median(ttfts), "ttft_p95": percentile(ttfts, 0.95),
-                "peak_mb": peak_mb(self.device),
+                "peak_mb": peak_mb(self.device), "errors": len(errors),
                 "greedy_texts": [t for t, p in zip(texts, params, strict=True) if p.greedy]}
 
     def warm(self, engine, sizes: list[int]) -> None:
@@ -120,9 +130,8 @@ class Bench:
         while any(s.first_text_at is None and not s.done for s in streams) and time.perf_counter() < deadline:
             time.sleep(0.005)
         newcomer = engine.submit(self.chats[running % 64], self.greedy)
-        newcomer.result(timeout=600)
-        for stream in streams:
-            stream.result(timeout=600)
+        for stream in (newcomer, *streams):
+            stream.result(timeout=600)  # greedy: never expected to fail
         return (newcomer.first_text_at or newcomer.submitted_at) - newcomer.submitted_at
 
     def generate_tokens_per_s(self) -> float:
@@ -148,7 +157,8 @@ def bandwidth_bound(bench: Bench) -> str:
     if not gbs:
         return "bandwidth bound: unknown here (--bandwidth-gbs)"
     element = torch.finfo(getattr(torch, bench.args.dtype)).bits // 8
-    return f"single-stream bandwidth bound at {gbs:,.0f} GB/s: {gbs * 1e9 / (bench.read_per_token * element):,.0f} tokens/s"
+    bound = gbs * 1e9 / (bench.read_per_token * element)
+    return f"single-stream bandwidth bound at {gbs:,.0f} GB/s: {bound:,.0f} tokens/s"
 
 
 def main() -> int:
@@ -188,7 +198,8 @@ def main() -> int:
             result = bench.burst(engine, size, sampled_share=0.5 if size > 1 else 0.0)
             peak = f"{result['peak_mb']:,.0f} MB" if result["peak_mb"] is not None else "-"
             say(f"{mode}: {size} at once: {result['tokens_per_s']:,.1f} tokens/s, TTFT p50 "
-                f"{result['ttft_p50'] * 1000:,.0f} ms p95 {result['ttft_p95'] * 1000:,.0f} ms, peak {peak}")
+                f"{result['ttft_p50'] * 1000:,.0f} ms p95 {result['ttft_p95'] * 1000:,.0f} ms, peak {peak}, "
+                f"{result['errors']} failed")
             rows.append((mode, size, result))
             greedy.setdefault(mode, []).extend(result["greedy_texts"])
         idle = rows[[r[:2] for r in rows].index((mode, sizes[0]))][2]["ttft_p50"]
@@ -210,15 +221,15 @@ def main() -> int:
         same = sum(a.split()[:AGREEMENT_TOKENS] == b.split()[:AGREEMENT_TOKENS] for a, b in pairs)
         say(f"graphs vs eager, greedy rows equal for their first {AGREEMENT_TOKENS} tokens: {same}/{len(pairs)}")
 
-    print(f"\n| mode | requests at once | tokens/s | TTFT p50 | TTFT p95 | peak memory |  ({device}, {args.dtype}, "
-          f"{bench.params / 1e9:.2f} B, {time.strftime('%Y-%m-%d')})")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n| mode | requests at once | tokens/s | TTFT p50 | TTFT p95 | peak memory | failed |  ({device}, "
+          f"{args.dtype}, {bench.params / 1e9:.2f} B, {time.strftime('%Y-%m-%d')})")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode, size, result in rows:
         peak = f"{result['peak_mb'] / 1024:.1f} GB" if result["peak_mb"] is not None else "-"
         print(f"| {mode} | {size} | {result['tokens_per_s']:,.1f} | {result['ttft_p50'] * 1000:,.0f} ms "
-              f"| {result['ttft_p95'] * 1000:,.0f} ms | {peak} |")
+              f"| {result['ttft_p95'] * 1000:,.0f} ms | {peak} | {result['errors']} |")
     print(f"| --max-batch 1 | {args.lock_requests} | {locked['tokens_per_s']:,.1f} | {locked['ttft_p50']:.1f} s "
-          f"| {locked['ttft_p95']:.1f} s | - |")
+          f"| {locked['ttft_p95']:.1f} s | - | {locked['errors']} |")
     return 0
 
 
