@@ -15,7 +15,7 @@ import torch
 
 from conftest import ask
 from minicpmv_demo.engine import ReplyError, SamplingParams
-from minicpmv_demo.engine.engine import fill_holes
+from minicpmv_demo.engine.slots import fill_holes
 from minicpmv_demo.model.graphs import DecodeGraphs, batch_buckets, bucket_for, build_graphs, capture_decode_graphs
 from minicpmv_demo.model.native import SlotBatch
 from minicpmv_demo.model.slot_cache import SlotCache

@@ -30,6 +30,7 @@ from .context import ContextError, fit_to_context
 from .detokenizer import IncrementalDecoder
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from .sampling import sample_for
+from .slots import fill_holes
 
 log = logging.getLogger(__name__)
 
@@ -551,17 +552,6 @@ INVALID_OUTPUT_MESSAGE = ("The model produced invalid numbers for this request, 
                           "Please try again, perhaps with a lower temperature.")
 TOO_LARGE_MESSAGE = ("This request does not fit in the GPU memory, even alone. Try fewer or smaller "
                      "images, a shorter chat, or fewer new tokens.")
-
-
-def fill_holes(alive: list[int]) -> list[int]:
-    """The new row order after a leave: rows stay put, and each hole takes a row from the end.
-
-    With rows in preallocated slots, a leave then moves one row (the last) instead of shifting
-    every row after the hole; each kept row only ever moves to a lower index.
-    """
-    size, alive_set = len(alive), set(alive)
-    tail = [index for index in alive if index >= size]
-    return [index if index in alive_set else tail.pop() for index in range(size)]
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

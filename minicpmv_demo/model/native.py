@@ -19,6 +19,7 @@ so padding never leaks in."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from ..conversation import Conversation, Turn
 from ..lru import LruCache
 from .graphs import capture_decode_graphs
 from .slot_cache import SlotCache
+
+log = logging.getLogger(__name__)
 
 
 # Tokens the chat template adds around one message or picture (role markers, image ids): an
@@ -283,6 +286,8 @@ class NativeRunner:
         capture the decode steps as CUDA graphs when `capture` and the device allow."""
         cache = SlotCache(self.model.config.text_config, slots, max_len, self.model.dtype, self.device)
         batch = SlotBatch(cache=cache, lengths=[])
+        log.info("preallocated %d slots of %d tokens: %.0f MB", slots, max_len,
+                 SlotCache.bytes_needed(self.model.config.text_config, slots, max_len, self.model.dtype) / 2**20)
         if capture:
             batch.graphs = capture_decode_graphs(self, cache)
         return batch
