@@ -38,9 +38,8 @@ class SlotKVLayer:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the step's key/value of row i at column `columns[i]`; return the attended window."""
         rows, columns = self.owner.step_rows, self.owner.step_columns
-        # (Cast: a quantized model may compute in another 16-bit type than its buffers; a no-op otherwise.)
-        self.keys_buffer[rows, :, columns] = key_states[:, :, 0].to(self.keys_buffer.dtype)
-        self.values_buffer[rows, :, columns] = value_states[:, :, 0].to(self.values_buffer.dtype)
+        self.keys_buffer[rows, :, columns] = key_states[:, :, 0]
+        self.values_buffer[rows, :, columns] = value_states[:, :, 0]
         batch, width = key_states.shape[0], self.owner.width
         return self.keys_buffer[:batch, :, :width], self.values_buffer[:batch, :, :width]
 
