@@ -120,6 +120,8 @@ def _cuda_record(step: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], N
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: CUDA calls of other threads (the status panel's memory reads) must not
+        # invalidate the capture, nor be refused because of it.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             output = step()
     return graph.replay, output
