@@ -134,7 +134,8 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
     budget = None if batch_call else cache_budget_bytes(settings.gpu_memory_utilization)
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
                     memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call,
-                    max_thinking_tokens=settings.max_thinking_tokens).start()
+                    max_thinking_tokens=settings.max_thinking_tokens, max_model_len=settings.max_model_len,
+                    enforce_eager=settings.enforce_eager).start()
     gpu = GpuMemory()
     monitor = ServerMonitor(engine, gpu, interval_s=settings.panel_interval).start()
     service = ChatService(engine, settings, gpu, loaded.sampling_defaults)

@@ -47,6 +47,14 @@ class Settings:
                                                           "see 'busy, try again'"})
     gpu_memory_utilization: float = field(
         default=0.9, metadata={"help": "share of GPU memory the engine may fill with caches"})
+    max_model_len: int = field(
+        default=0, metadata={"help": "tokens one request may hold (prompt and reply); the engine preallocates "
+                                     "this for each of --max-batch rows. 0 = auto: from the GPU memory budget "
+                                     "(half of it for these buffers), 8192 on the CPU; never past the model's "
+                                     "context window"})
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "do not capture decode steps as CUDA graphs (they are captured at "
+                                         "start-up on a CUDA GPU, never on the CPU or ZeroGPU)"})
     cache_size: int = field(default=128, metadata={"help": "greedy replies remembered (0 disables)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "server cap on new tokens per reply"})
     max_thinking_tokens: int = field(
@@ -195,6 +203,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.torch_threads < 0:
         problems.append("--torch-threads must be 0 (auto) or more")
+    if settings.max_model_len < 0:
+        problems.append("--max-model-len must be 0 (auto) or more")
     if settings.cache_size < 0:
         problems.append("--cache-size must be 0 or more")
     if settings.max_thinking_tokens < 0:

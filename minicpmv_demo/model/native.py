@@ -1,10 +1,16 @@
 """The only code that runs a native transformers MiniCPM-V 4.x model, one decode step at a time.
 
 The engine decides *which* requests run together; this runner executes that decision:
-encode a conversation, prefill newcomers, merge their cache into the running batch, run one
-decode step for every row, and drop rows that left. MiniCPM-V 4.6's text model mixes
-full-attention layers (a key/value cache that grows along time) with linear-attention layers (a
-fixed-size state per row), so merging and dropping handle both kinds.
+encode a conversation, prefill newcomers, join them to the running batch, run one decode step
+for every row, and drop rows that left. MiniCPM-V 4.6's text model mixes full-attention layers
+(a key/value cache that grows along time) with linear-attention layers (a fixed-size state per
+row), so joining and dropping handle both kinds.
+
+The running rows live in preallocated slots (`SlotBatch`, slot_cache.py): a join copies the
+newcomer's prefill into a free slot, a leave frees one, and on CUDA the decode step is a
+captured graph (graphs.py). A newcomer's prefill, and ZeroGPU's whole batch (no state survives
+its GPU call), use one transformers cache instead (`Batch`): joined by concatenation, left by
+`index_select`.
 
 The vision tower reads images NaViT-packed for one sample at a time, so it runs per prompt (and
 its output is cached per set of images and settings); the text model then prefills all newcomers
@@ -13,11 +19,11 @@ at once. Each prompt brings its own visual settings (`PromptOptions.downsample_m
 different settings still share one batch. A video is read as frames through the processor's
 video path and scattered over its own placeholder token, beside any pictures.
 Rows of different lengths are left-padded; each row gets its own position ids and attention mask
-so padding never leaks in.
-"""
+so padding never leaks in."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -29,6 +35,10 @@ from ..conversation import Conversation, PromptOptions, Turn
 from ..engine.reasoning_budget import reasoning_tags
 from ..lru import LruCache
 from ..reasoning import prompt_opens_reasoning
+from .graphs import capture_decode_graphs
+from .slot_cache import SlotCache
+
+log = logging.getLogger(__name__)
 
 
 # Tokens the chat template adds around one message, picture or video (role markers, image ids):
@@ -48,6 +58,14 @@ IMAGE_CACHE_BYTES = 128 * 2**20
 # needs too); at full size a large picture's features take tens of MB, so 256 MB keep a few
 # sets of pictures.
 VISION_CACHE_BYTES = 256 * 2**20
+# Slot length when --max-model-len is auto and there is no memory budget (the CPU): long chats
+# still fit, and the tiny model's 8 slots take a few MB.
+CPU_MAX_MODEL_LEN = 8192
+# Share of the memory budget the preallocated slots may take when --max-model-len is auto; the
+# rest is for activations, the vision tower and its cache.
+SLOT_BUDGET_SHARE = 0.5
+# Shortest slot an auto size gives, even on a crowded GPU (an image prompt needs a few hundred).
+MIN_MAX_MODEL_LEN = 1024
 
 
 @dataclass
@@ -91,6 +109,22 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.mask.shape[0])
+
+
+@dataclass
+class SlotBatch:
+    """The running rows in preallocated slots: row i lives in slot i (see slot_cache.py).
+
+    `lengths` mirrors `cache.lengths` on the host, so sizing a step never waits for the device.
+    """
+
+    cache: SlotCache
+    lengths: list[int]
+    graphs: object = None  # captured decode steps (model/graphs.py), or None: eager
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
 
 
 class NativeRunner:
@@ -287,16 +321,85 @@ class NativeRunner:
         return pooled
 
     @torch.inference_mode()
-    def step(self, batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, batch: Batch | SlotBatch, tokens: torch.Tensor) -> torch.Tensor:
         """Feed each row its last token; returns next-token logits [B, V]. Updates `batch`."""
+        if isinstance(batch, SlotBatch):
+            return self._slot_step(batch, tokens)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
         positions = batch.mask.sum(dim=1, keepdim=True) - 1
         out = self.model.model(input_ids=tokens.to(self.device)[:, None], cache=batch.cache,
                                attention_mask=batch.mask, position_ids=positions, use_cache=True)
         return self.model.lm_head(out.last_hidden_state[:, -1, :]).float()
 
-    def merge(self, batch: Batch | None, newcomer: Batch) -> Batch:
-        """Append `newcomer`'s rows to `batch`, left-padding the shorter one on the time axis."""
+    def _slot_step(self, batch: SlotBatch, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step over slots `0..size-1`: a captured graph when one fits, else eager."""
+        size, width = batch.size, max(batch.lengths) + 1
+        if batch.graphs is not None and batch.graphs.fits(size, width):
+            logits = batch.graphs.run(tokens, size)
+        else:
+            logits = self.decode_slots(batch.cache, tokens.to(self.device), size, width)
+        batch.cache.lengths[:size] += 1
+        batch.lengths = [length + 1 for length in batch.lengths]
+        return logits
+
+    @torch.inference_mode()
+    def decode_slots(self, cache: SlotCache, tokens: torch.Tensor, size: int, width: int) -> torch.Tensor:
+        """The decode step itself, on device tensors only (no host sync): what a graph captures.
+
+        Row i reads columns `0..width-1` of slot i, of which its own `lengths[i]` and the new one.
+        """
+        cache.activate(size, width)
+        lengths = cache.lengths[:size]
+        visible = torch.arange(width, device=lengths.device)[None, :] <= lengths[:, None]
+        masks = {"full_attention": _attention_mask(visible, self.model.config, self.model.dtype),
+                 "linear_attention": None}  # a one-token step is never padding
+        out = self.model.model(input_ids=tokens[:, None], cache=cache, attention_mask=masks,
+                               position_ids=lengths[:, None], use_cache=True)
+        return self.model.lm_head(out.last_hidden_state[:, -1, :]).float()
+
+    def new_slots(self, slots: int, max_len: int, capture: bool = True) -> SlotBatch:
+        """Preallocate `slots` rows of `max_len` tokens (see `slot_length` for the size), and
+        capture the decode steps as CUDA graphs when `capture` and the device allow."""
+        cache = SlotCache(self.model.config.text_config, slots, max_len, self.model.dtype, self.device)
+        batch = SlotBatch(cache=cache, lengths=[])
+        log.info("preallocated %d slots of %d tokens: %.0f MB", slots, max_len,
+                 SlotCache.bytes_needed(self.model.config.text_config, slots, max_len, self.model.dtype) / 2**20)
+        if capture:
+            batch.graphs = capture_decode_graphs(self, cache)
+        return batch
+
+    def slot_length(self, slots: int, requested: int, budget_bytes: int | None) -> int:
+        """Tokens one slot holds: `requested` (--max-model-len) if set, else what a share of the
+        memory budget allows for `slots` rows; never past the model's context window."""
+        if requested:
+            return min(requested, self.context_length)
+        if budget_bytes is None:
+            return min(self.context_length, CPU_MAX_MODEL_LEN)
+        config = self.model.config.text_config
+        fixed = SlotCache.bytes_needed(config, 1, 0, self.model.dtype)
+        per_token = SlotCache.bytes_needed(config, 1, 1, self.model.dtype) - fixed
+        share = int(budget_bytes * SLOT_BUDGET_SHARE) // slots - fixed
+        return min(self.context_length, max(MIN_MAX_MODEL_LEN, share // max(per_token, 1)))
+
+    def empty(self, batch: Batch | SlotBatch | None) -> SlotBatch | None:
+        """Drop every row (after a failure): slots are cleared and kept, a dynamic batch goes."""
+        if not isinstance(batch, SlotBatch):
+            return None
+        for slot, length in enumerate(batch.lengths):
+            batch.cache.free(slot, length)
+        batch.lengths = []
+        return batch
+
+    def merge(self, batch: Batch | SlotBatch | None, newcomer: Batch) -> Batch | SlotBatch:
+        """Append `newcomer`'s rows to `batch`: into free slots, or (dynamic) concatenated with
+        the shorter one left-padded on the time axis."""
+        if isinstance(batch, SlotBatch):
+            for row, length in enumerate(newcomer.mask.sum(dim=1).tolist()):
+                if batch.size >= batch.cache.slots:
+                    raise RuntimeError("no free slot: the engine admitted more rows than --max-batch")
+                batch.cache.write(batch.size, newcomer.cache, row, length)
+                batch.lengths.append(length)
+            return batch
         if batch is None:
             return newcomer
         width = max(batch.mask.shape[1], newcomer.mask.shape[1])
@@ -313,8 +416,15 @@ class NativeRunner:
         batch.mask = torch.cat([_pad_mask(batch.mask, width), _pad_mask(newcomer.mask, width)])
         return batch
 
-    def select(self, batch: Batch, keep: list[int]) -> Batch | None:
-        """Keep only rows `keep` (in that order); trim time columns that are now padding for all."""
+    def select(self, batch: Batch | SlotBatch, keep: list[int]) -> Batch | SlotBatch | None:
+        """Keep only rows `keep` (in that order).
+
+        Slots: `keep[p] >= p` must hold (the engine fills a hole with a later row), so each
+        kept row either stays put or moves into a slot already freed; only moved rows are copied.
+        Dynamic: index every layer and trim time columns that are now padding for all rows.
+        """
+        if isinstance(batch, SlotBatch):
+            return self._select_slots(batch, keep)
         if not keep:
             return None
         index = torch.tensor(keep, device=batch.mask.device)
@@ -330,6 +440,20 @@ class NativeRunner:
                     for key, tensor in states.items():
                         states[key] = tensor.index_select(0, index.to(tensor.device))
         batch.mask = mask[:, start:]
+        return batch
+
+    @staticmethod
+    def _select_slots(batch: SlotBatch, keep: list[int]) -> SlotBatch:
+        if any(source < target for target, source in enumerate(keep)):
+            raise ValueError(f"slot rows can only move down: {keep}")
+        kept = set(keep)
+        for slot, length in enumerate(batch.lengths):
+            if slot not in kept:
+                batch.cache.free(slot, length)
+        for target, source in enumerate(keep):
+            if source != target:
+                batch.cache.move(source, target, batch.lengths[source])
+        batch.lengths = [batch.lengths[source] for source in keep]
         return batch
 
     # -- sizes, for memory-aware admission ---------------------------------------------------
@@ -363,6 +487,14 @@ def _encoder_outputs(images: list[torch.Tensor], videos: list[torch.Tensor]) -> 
     outputs = {kind: BaseModelOutputWithPooling(pooler_output=pooled)
                for kind, pooled in (("image", images), ("video", videos)) if pooled}
     return {"mm_encoder_outputs": outputs} if outputs else {}
+
+
+def _attention_mask(visible: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:
+    """[B, W] visibility as the 4-D mask the attention kernels take: additive for eager, bool otherwise."""
+    mask = visible[:, None, None, :]
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
 
 
 def _has_kv(layer) -> bool:
