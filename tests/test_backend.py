@@ -13,6 +13,7 @@ import openai
 import pytest
 from gradio_client import Client, handle_file
 
+from clips import make_clip
 from conftest import wait_until
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.remote.probe import prometheus_values
@@ -109,6 +110,31 @@ def test_thinking_reaches_the_backend_and_its_reasoning_comes_back_apart(pair):
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=GREEDY["max_new_tokens"],
                                            temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert plain.choices[0].message.model_extra.get("reasoning_content") is None
+
+
+def test_visual_detail_reaches_the_backend(pair):
+    """The front's 4x request gets the backend's 4x answer, which is not its 16x answer."""
+    asked = {"mm_processor_kwargs": {"downsample_mode": "4x", "max_slice_nums": 4}}
+    fine = _direct(int(pair["front_url"].rstrip("/").rsplit(":", 1)[1]), "Read it.", "receipt.png", **asked).content
+    assert fine == direct(pair["port"], "Read it.", "receipt.png", **asked)
+    assert fine != direct(pair["port"], "Read it.", "receipt.png")
+
+
+def test_a_video_question_answers_through_the_backend_with_its_frames(pair, tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", seconds=4)
+    client = openai.OpenAI(base_url=f"{pair['front_url']}v1", api_key="none", max_retries=0)
+    video_url = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+
+    def ask(frames: int):
+        return client.chat.completions.create(
+            model="tiny", max_tokens=8, temperature=0, extra_body={"mm_processor_kwargs": {"max_num_frames": frames}},
+            messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video_url}},
+                                                    {"type": "text", "text": "What happens?"}]}])
+
+    two, four = ask(2), ask(4)
+    assert two.choices[0].message.content and four.choices[0].message.content
+    # The backend read the frames the front sent: twice the frames, more prompt tokens.
+    assert four.usage.prompt_tokens > two.usage.prompt_tokens > 0
 
 
 def test_the_memory_line_and_panel_read_the_backend(pair):

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..settings import TINY_MODEL, Settings
-from .legacy import LegacyRunner
+from .legacy import CHAT_SAMPLING, LegacyRunner
 from .native import NativeRunner
+from .sampling_defaults import checkpoint_sampling
 from .tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,14 @@ DEFAULT_GPU_MODEL = "openbmb/MiniCPM-V-4.6"
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")
 LEGACY_MODEL_TYPES = ("minicpmv",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# What --quant int4/int8 leaves in 16 bits, as the official int4 releases do: the vision tower,
+# the merger (resampler) that maps its output into the language model, and the output head
+# (tied to the embeddings in 4.6). The vision MLP width 4304 is no multiple of 64: bitsandbytes
+# runs it on a slow fallback on the GPU and refuses it on CPUs with AVX512-BF16, and the tower
+# is a small share of a 4.6's weights anyway. Names: MiniCPM-V 4.x `model.vision_tower`,
+# `model.merger`, `lm_head`; legacy 2.5/2.6 `vpm`, `resampler`, `llm.lm_head`. Each is a regex
+# matched from the module name's start (transformers' rule), so any parent prefix is allowed.
+UNQUANTIZED_MODULES = [rf"(?:.*\.)?{name}" for name in ("vision_tower", "merger", "vpm", "resampler", "lm_head")]
 
 
 class ModelLoadError(RuntimeError):
@@ -40,6 +49,9 @@ class LoadedModel:
     device: str
     dtype: str
     quantization: str
+    # The sampling settings the checkpoint names (SamplingParams field names): what the page
+    # starts at and what a client that sends none gets; the server's own for the rest.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
     remote_thinks: bool = False  # a backend's model: whether it reasons unless told not to
 
     @property
@@ -106,8 +118,12 @@ def load_model(settings: Settings) -> LoadedModel:
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"Could not load {model_id}: {_first_line(exc)}") from None
     device = str(getattr(runner.model, "device", "cpu"))
+    # Legacy models sample inside their own chat(), whose settings are the release's.
+    sampling = (dict(CHAT_SAMPLING) if model_type in LEGACY_MODEL_TYPES
+                else checkpoint_sampling(getattr(runner.model, "generation_config", None)))
     return LoadedModel(runner=runner, model_id=model_id, is_tiny=is_tiny, device=device,
-                       dtype=str(dtype).removeprefix("torch."), quantization=quantization)
+                       dtype=str(dtype).removeprefix("torch."), quantization=quantization,
+                       sampling_defaults=sampling)
 
 
 def _check_source(model_id: str) -> str:
@@ -160,12 +176,12 @@ def _choose_quantization(quant: str, config, dtype: torch.dtype, cuda: bool):
     from transformers import BitsAndBytesConfig
 
     if quant == "int8":
-        return "int8 (bitsandbytes)", BitsAndBytesConfig(load_in_8bit=True)
+        return "int8 (bitsandbytes)", BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
     compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
     # The configuration of the original MiniCPM-V int4 release: nf4 with double quantization.
     return "int4 (nf4, double quant)", BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute)
+        bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=UNQUANTIZED_MODULES)
 
 
 def _choose_device_map(device_map: str, cuda: bool) -> str:

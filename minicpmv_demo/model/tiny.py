@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
     from transformers import MiniCPMV4_6Processor, TokenizersBackend
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
-TINY_MODEL_VERSION = "v4"
+TINY_MODEL_VERSION = "v6"
 SEED = 1234
 
 SPECIAL_TOKENS = {
@@ -66,7 +66,8 @@ PUNCTUATION = list(".,:;!?'\"()-/%$#&*+=<>[]{}")
 DIGITS = list("0123456789")
 
 # ChatML with Qwen3.5's reasoning switch, as MiniCPM-V 4.6 uses. An image part renders as one
-# placeholder that the processor expands into the image's slices. Like Qwen3.5's template:
+# placeholder that the processor expands into the image's slices, a video part as one that it
+# expands into the video's frames. Like Qwen3.5's template:
 # - the generation prompt opens `<think>\n` (the reply starts as reasoning) unless
 #   `enable_thinking` is false, which renders an empty, closed block `<think>\n\n</think>\n\n`;
 # - an earlier assistant turn is rendered without its reasoning (what precedes its last
@@ -76,6 +77,7 @@ CHAT_TEMPLATE = (
     "{%- if content is string %}{{- content }}"
     "{%- else %}{%- for part in content %}"
     "{%- if part['type'] == 'image' %}{{- '<|image_pad|>\\n' }}"
+    "{%- elif part['type'] == 'video' %}{{- '<|video_pad|>\\n' }}"
     "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
     "{%- endmacro %}"
@@ -145,12 +147,19 @@ def multimodal_token_ids(tokenizer: TokenizersBackend) -> dict[str, int]:
             "video_token_id": tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["video_token"])}
 
 
+# MiniCPM-V 4.6's generation_config.json sampling settings, so the defaults path runs in tests.
+GENERATION_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
+
+
 def save_checkpoint(model, processor: MiniCPMV4_6Processor, folder: Path) -> None:
     """Save a random-weight model and its processor as an ordinary checkpoint folder; the
-    generation config stops on the tokenizer's EOS, as the engine and `generate` expect."""
+    generation config stops on the tokenizer's EOS, as the engine and `generate` expect, and
+    samples as MiniCPM-V 4.6's does."""
     tokenizer = processor.tokenizer
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for name, value in GENERATION_SAMPLING.items():
+        setattr(model.generation_config, name, value)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
@@ -239,8 +248,8 @@ def _build_config(tokenizer):
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    # Linear layers read at least 64 values: bitsandbytes' CPU int4 kernels need whole
-    # 64-value quantization blocks.
+    # --quant leaves the vision tower unquantized (loading.UNQUANTIZED_MODULES), so its widths
+    # need not suit bitsandbytes' kernels; the tests also load one whose MLP is 100 wide.
     vision_config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
     return MiniCPMV4_6Config(

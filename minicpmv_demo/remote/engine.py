@@ -41,6 +41,7 @@ class RemoteEngine:
                  max_batch: int = 64) -> None:
         self.probe = probe
         self.max_batch = max_batch  # the page says "up to N users at once": the backend decides
+        self.reads_video = True  # sent on as clips; a backend that cannot read them says so
         self.restarts = 0
         self._timeout_s = timeout_s
         self._api_key = api_key or "none"  # the client insists on one; servers without keys ignore it

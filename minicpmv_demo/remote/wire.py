@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import base64
 import io
+from fractions import Fraction
+
+import av
 
 from ..conversation import Conversation, PromptOptions
 from ..engine import SamplingParams
+from ..videos import PreparedVideo
+
+# Quality of the clip a video's sampled frames are sent as (H.264's constant-rate factor: 18 is
+# visually lossless; the backend samples its frames from it).
+VIDEO_CRF = "18"
 
 
 
@@ -55,11 +63,12 @@ def messages(conversation: Conversation) -> list[dict]:
     if conversation.system_prompt:
         out.append({"role": "system", "content": conversation.system_prompt})
     for turn in conversation.turns:
-        if turn.role == "assistant" or not turn.images:
+        if turn.role == "assistant" or not (turn.images or turn.videos):
             out.append({"role": turn.role, "content": turn.text})
             continue
         content: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(image.image)}}
                                for image in turn.images]
+        content += [{"type": "video_url", "video_url": {"url": video_data_url(video)}} for video in turn.videos]
         if turn.text:
             content.append({"type": "text", "text": turn.text})
         out.append({"role": "user", "content": content})
@@ -75,3 +84,27 @@ def data_url(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def video_data_url(video: PreparedVideo) -> str:
+    """A video's sampled frames as a `data:video/mp4;base64,...` clip of the same duration.
+
+    The frames were checked and sampled here (the request's frame count); the backend reads
+    them back from this clip, evenly spaced as they were taken.
+    """
+    frames = video.frames
+    width, height = frames[0].size
+    even = (width - width % 2, height - height % 2)  # H.264's 4:2:0 pictures need even sides
+    rate = Fraction(len(frames)) / Fraction(max(video.seconds, 1e-3)).limit_denominator(1000)
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate.limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = even[0], even[1], "yuv420p"
+        stream.options = {"crf": VIDEO_CRF}
+        for frame in frames:
+            picture = av.VideoFrame.from_image(frame.crop((0, 0, *even)))
+            for packet in stream.encode(picture):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
