@@ -118,13 +118,15 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
             with gr.Tab("Server"):
                 gr.Markdown("The last minutes of this server, sampled every few seconds (times in UTC).")
                 with gr.Row():
-                    plot = {"x": "time", "x_title": "time (UTC)", "x_axis_format": "%H:%M", "height": 220,
+                    plot = {"x": "time", "x_title": "time (UTC)", "x_axis_format": "%H:%M:%S", "height": 220,
                             "min_width": 300}
                     memory_plot = gr.LinePlot(y="MB", title="Memory used (MB)", **plot)
                     speed_plot = gr.LinePlot(y="tokens/s", title="Tokens per second", **plot)
                 with gr.Row():
-                    batch_plot = gr.LinePlot(y="requests", title="Batch size", **plot)
-                    queue_plot = gr.LinePlot(y="requests", title="Waiting in queue", **plot)
+                    # Two plots: on one, a queue of 0 hid under the batch line.
+                    batch_plot = gr.LinePlot(y="requests", title="Batch size", y_lim=[0, engine.max_batch],
+                                             y_axis_format="~g", **plot)
+                    queue_plot = gr.LinePlot(y="requests", title="Waiting in queue", y_axis_format="~g", **plot)
         timer = gr.Timer(settings.panel_interval)
         timer.tick(lambda: _panel_html(gpu, engine), None, server_panel, queue=False, api_visibility="private")
         timer.tick(lambda: _plots(monitor), None, [memory_plot, speed_plot, batch_plot, queue_plot], queue=False,
@@ -246,8 +248,8 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
                             model=loaded.public_name)
             gr.Info("Thank you: your rating was saved.")
 
-        def chat_api(message, history, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-                     enable_thinking, downsample_mode, max_slice_nums, max_num_frames):
+        def chat_api(message, history, max_new_tokens, temperature, top_p, top_k=None, repetition_penalty=None,
+                     enable_thinking=None, downsample_mode=None, max_slice_nums=None, max_num_frames=None):
             """Answer `message` ({"text", "files"}) after `history`; streams the partial reply.
 
             Every setting after `history` may be left out (the server's default); the prompt

@@ -15,7 +15,7 @@ TEXT_SECONDARY = "#4b5563"
 
 PAGE_CSS = f"""
 #chat-input textarea::placeholder {{ color: {TEXT_SECONDARY}; opacity: 1; }}
-#chatbot .placeholder-content, #chatbot .placeholder {{ color: #1f2937; }}
+#chatbot .placeholder-content, #chatbot .placeholder {{ color: #1f2937; padding: 0 12px; }}
 #settings-summary, #settings-summary p {{ color: {TEXT_SECONDARY}; font-size: 13px; margin: 0; }}
 footer, footer a, footer button {{ color: {TEXT_SECONDARY} !important; opacity: 1 !important; }}
 #server-panel .server-panel {{ font-size: 14px; line-height: 1.45; color: #1f2937; }}
