@@ -1,9 +1,10 @@
-"""Build the full-size MiniCPM-V 4.6 architecture with random weights, for GPU benchmarks offline.
+"""Build MiniCPM-V 4.6 at its published size with random weights, for GPU benchmarks offline.
 
-Nothing is downloaded. The model is `MiniCPMV4_6Config()` at its default (full) sizes with random
-weights; the tokenizer is the tiny model's word vocabulary padded with made-up words up to the
+Nothing is downloaded. The model has the published checkpoint's shape (1.30 B parameters, see
+minicpmv_demo/model/published_shape.py; not `MiniCPMV4_6Config()`'s defaults, which describe a
+9.11 B model that does not exist) with random weights; the tokenizer is the tiny model's word vocabulary padded with made-up words up to the
 full vocabulary, so every id the model emits decodes to a word that counts as one token; the
-image processor keeps its default (full-size) slicing. Speed and memory depend on the shapes,
+image processor slices as the published one does. Speed and memory depend on the shapes,
 not on what the weights say, so the timings are the real model's. On the GPU machine:
 
     python benchmarks/full_size_model.py /tmp/minicpmv46-random
@@ -14,6 +15,7 @@ not on what the weights say, so the timings are the real model's. On the GPU mac
 It prints the weights' size and the memory-bandwidth bound for a single stream (each decoded
 token reads every weight once, so one stream cannot beat bandwidth / weight bytes).
 `--text-layers` / `--vision-layers` build a shallower copy (a smoke test on a CPU).
+benchmarks/gpu_speed.py builds the same shape in memory and measures the engine itself.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> tu
     a decode step reads the text model's layers and the head, not the vision tower, and of the
     input embeddings only one row per token.
     """
-    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+    from transformers import MiniCPMV4_6ForConditionalGeneration
 
+    from minicpmv_demo.model.published_shape import PROCESSOR, published_config
     from minicpmv_demo.model.tiny import (
         build_processor,
         build_word_tokenizer,
@@ -48,19 +51,13 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> tu
         save_checkpoint,
     )
 
-    config = MiniCPMV4_6Config()
+    config = published_config(text_layers, vision_layers)
     text, vision = config.text_config, config.vision_config
-    if text_layers:
-        pattern = text.layer_types[:text_layers]
-        text.num_hidden_layers, text.layer_types = text_layers, pattern
-    if vision_layers:
-        vision.num_hidden_layers = vision_layers
     tokenizer = build_word_tokenizer(text.vocab_size)
     text.eos_token_id, text.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     config.update(multimodal_token_ids(tokenizer))
     # The vision tower's patch size decides how pixels are packed: the processor must agree.
-    processor = build_processor(tokenizer, {"scale_resolution": 448, "patch_size": vision.patch_size,
-                                            "max_slice_nums": 9})
+    processor = build_processor(tokenizer, dict(PROCESSOR, patch_size=vision.patch_size))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: half the memory of fp32
     try:
@@ -93,8 +90,8 @@ def gpu_bandwidth_gbs() -> float | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--text-layers", type=int, default=0, help="0 = the default config's depth")
-    parser.add_argument("--vision-layers", type=int, default=0, help="0 = the default config's depth")
+    parser.add_argument("--text-layers", type=int, default=0, help="0 = the published depth")
+    parser.add_argument("--vision-layers", type=int, default=0, help="0 = the published depth")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the random weights are made (fast on a GPU)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0,

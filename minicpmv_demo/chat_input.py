@@ -3,8 +3,9 @@
 Messages arrive in several shapes: Gradio's normalised parts (`{"type": "file", "file": {...}}`),
 plain strings, bare file dicts from API clients. They are read leniently, but every file is
 checked strictly: it must lie in an upload folder (never an arbitrary server path) and pass
-image validation. Messages that carry `metadata` are display-only (the stats line under a
-reply) and are never sent back to the model.
+image validation (video validation for .mp4, .webm and .mov files). Messages that carry
+`metadata` are display-only (the stats line under a reply, a reply's reasoning) and are never
+sent back to the model, nor is reasoning written inside an earlier reply's text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .byte_size import byte_size
 from .conversation import Conversation, PromptOptions, Turn
 from .images import ImageError, ImageLimits, PreparedImage, prepare_image
 from .lru import LruCache
+from .reasoning import without_reasoning
+from .videos import PreparedVideo, VideoError, VideoLimits, is_video_path, prepare_video
 
 
 class InputError(ValueError):
@@ -35,6 +38,9 @@ class InputRules:
     max_message_chars: int = 100_000
     max_history_messages: int = 400
     max_history_chars: int = 1_000_000
+    video_limits: VideoLimits | None = None  # None: the model does not read videos
+    max_videos: int = 1  # per message; they count among max_images too
+    video_frames: int = 32  # frames taken when the request names no max_num_frames
 
 
 def build_conversation(message: dict | str, history: Sequence[dict] | None, *, system_prompt: str,
@@ -42,16 +48,21 @@ def build_conversation(message: dict | str, history: Sequence[dict] | None, *, s
     """Return the conversation to answer and notices for the user (e.g. "image downscaled")."""
     text, files = _split_message(message)
     if not text.strip() and not files:
-        raise InputError("Please type a question or attach an image.")
+        raise InputError("Please type a question or attach an image (or a video).")
     if len(text) > rules.max_message_chars:
         raise InputError(f"The message is too long: {len(text):,} characters (the limit is "
                          f"{rules.max_message_chars:,}). Please shorten it.")
+    videos = sum(is_video_path(path) for path in files)
     if len(files) > rules.max_images:
-        raise InputError(f"Too many images in one message: {len(files)} (the limit is {rules.max_images}).")
-    turns = _history_turns(_checked_history(history), rules)
-    new_images = [_load(path, rules) for path in files]
-    notices = [notice for image in new_images for notice in image.notices]
-    turns.append(Turn(role="user", text=text.strip(), images=tuple(new_images)))
+        kinds = "images and videos" if videos else "images"
+        raise InputError(f"Too many {kinds} in one message: {len(files)} (the limit is {rules.max_images}).")
+    if videos > rules.max_videos:
+        raise InputError(f"Too many videos in one message: {videos} (the limit is {rules.max_videos}).")
+    frames = options.max_num_frames or rules.video_frames
+    turns = _history_turns(_checked_history(history), rules, frames)
+    new_turn = _user_turn(text.strip(), files, rules, frames)
+    notices = [notice for item in (*new_turn.images, *new_turn.videos) for notice in item.notices]
+    turns.append(new_turn)
     return Conversation(turns=tuple(_merge_same_role(turns)), system_prompt=system_prompt.strip(),
                         options=options), notices
 
@@ -75,7 +86,7 @@ def _checked_history(history) -> list:
     return list(history)
 
 
-def _history_turns(history: list, rules: InputRules) -> list[Turn]:
+def _history_turns(history: list, rules: InputRules, frames: int) -> list[Turn]:
     """The earlier messages as turns, within the limits: a request carries at most so many
     messages and characters, so no client can make the server read an unbounded history."""
     if len(history) > rules.max_history_messages:
@@ -92,10 +103,20 @@ def _history_turns(history: list, rules: InputRules) -> list[Turn]:
         if chars > rules.max_history_chars:
             raise InputError(f"The chat is too long: its earlier messages hold over "
                              f"{rules.max_history_chars:,} characters. Clear the chat or start a new one.")
-        # The model never sees images "said" by the assistant, so they are not even opened.
-        images = tuple(_load(path, rules) for path in paths) if entry["role"] == "user" else ()
-        turns.append(Turn(role=entry["role"], text="\n".join(t for t in texts if t), images=images))
+        text = "\n".join(t for t in texts if t)
+        # The model never sees files "said" by the assistant, so they are not even opened. An
+        # earlier reply goes back as its answer alone: reasoning sent back confuses the model
+        # (upstream, `</think>` went missing after the first turn) and costs context.
+        turns.append(_user_turn(text, paths, rules, frames) if entry["role"] == "user"
+                     else Turn("assistant", without_reasoning(text)))
     return turns
+
+
+def _user_turn(text: str, paths: list[str], rules: InputRules, frames: int) -> Turn:
+    """A user turn with its files read: videos by their suffix, everything else as a picture."""
+    images = tuple(_load(path, rules) for path in paths if not is_video_path(path))
+    videos = tuple(_load_video(path, rules, frames) for path in paths if is_video_path(path))
+    return Turn(role="user", text=text, images=images, videos=videos)
 
 
 def content_parts(content) -> tuple[list[str], list[str]]:
@@ -140,7 +161,8 @@ def _merge_same_role(turns: list[Turn]) -> list[Turn]:
         if merged and merged[-1].role == turn.role:
             last = merged[-1]
             text = "\n".join(t for t in (last.text, turn.text) if t)
-            merged[-1] = Turn(role=turn.role, text=text, images=last.images + turn.images)
+            merged[-1] = Turn(role=turn.role, text=text, images=last.images + turn.images,
+                              videos=last.videos + turn.videos)
         else:
             merged.append(turn)
     while merged and merged[0].role != "user":
@@ -149,13 +171,7 @@ def _merge_same_role(turns: list[Turn]) -> list[Turn]:
 
 
 def _load(path: str, rules: InputRules) -> PreparedImage:
-    real = os.path.realpath(path)
-    if not any(real.startswith(os.path.realpath(root) + os.sep) for root in rules.allowed_roots):
-        raise InputError(f"{Path(path).name} is not an uploaded file; upload the image instead.")
-    try:
-        content = _file_digest(real)
-    except OSError:
-        raise InputError(f"{Path(path).name} is no longer on the server; please upload it again.") from None
+    real, content = _uploaded(path, rules)
     key = (content, Path(real).name, rules.image_limits)
     prepared = _prepared.get(key)
     if prepared is None:
@@ -165,6 +181,33 @@ def _load(path: str, rules: InputRules) -> PreparedImage:
             raise InputError(str(exc)) from None
         _prepared.put(key, prepared)
     return prepared
+
+
+def _load_video(path: str, rules: InputRules, frames: int) -> PreparedVideo:
+    """A video's sampled frames, cached by file content and frame count like pictures."""
+    if rules.video_limits is None:
+        raise InputError(f"{Path(path).name}: this model does not read videos; attach pictures instead.")
+    real, content = _uploaded(path, rules)
+    key = (content, Path(real).name, rules.video_limits, frames)
+    prepared = _prepared_videos.get(key)
+    if prepared is None:
+        try:
+            prepared = prepare_video(real, rules.video_limits, frames)
+        except VideoError as exc:
+            raise InputError(str(exc)) from None
+        _prepared_videos.put(key, prepared)
+    return prepared
+
+
+def _uploaded(path: str, rules: InputRules) -> tuple[str, str]:
+    """The real path of an uploaded file and its content digest; refuses any other path."""
+    real = os.path.realpath(path)
+    if not any(real.startswith(os.path.realpath(root) + os.sep) for root in rules.allowed_roots):
+        raise InputError(f"{Path(path).name} is not an uploaded file; upload it instead.")
+    try:
+        return real, _file_digest(real)
+    except OSError:
+        raise InputError(f"{Path(path).name} is no longer on the server; please upload it again.") from None
 
 
 def _file_digest(path: str) -> str:
@@ -179,3 +222,7 @@ def _file_digest(path: str) -> str:
 # again, is not decoded twice. 32 MB: four full 1344-px pictures (7.2 MB each in Pillow), a whole
 # message, or more smaller ones. It is what stays in memory after a burst of large uploads.
 _prepared: LruCache[PreparedImage] = LruCache(32 * 2**20, size=lambda prepared: byte_size(prepared.image))
+# Sampled video frames by file content and frame count: a follow-up question about the same clip
+# is not decoded again. 64 MB: a clip's 32 default frames of at most 640x360 take 29 MB in Pillow.
+_prepared_videos: LruCache[PreparedVideo] = LruCache(64 * 2**20,
+                                                     size=lambda prepared: byte_size(prepared.frames))

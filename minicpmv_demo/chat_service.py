@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .admission import RequestGate
@@ -19,10 +19,11 @@ from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
 from .engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
 from .gpu import GpuMemory, describe_gpus, process_rss_mb
 from .images import ImageLimits
+from .videos import VideoLimits
 from .settings import MAX_STREAM_INTERVAL, Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-# What the page starts with when the checkpoint names no sampling defaults.
+# What the page starts with for the settings the checkpoint does not name.
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.8
 
@@ -30,7 +31,10 @@ DEFAULT_TOP_P = 0.8
 class ChatService:
     """Checks requests and submits them to the engine with the server's limits."""
 
-    def __init__(self, engine: Engine, settings: Settings, gpu: GpuMemory) -> None:
+    def __init__(self, engine: Engine, settings: Settings, gpu: GpuMemory,
+                 checkpoint_sampling: Mapping[str, float] | None = None) -> None:
+        """`checkpoint_sampling`: the sampling settings the checkpoint names (see
+        `LoadedModel.sampling_defaults`); they become `defaults`, clamped like a client's."""
         self.engine = engine
         self.settings = settings
         self.gpu = gpu
@@ -42,32 +46,47 @@ class ChatService:
             max_message_chars=settings.max_message_chars,
             max_history_messages=settings.max_history_messages,
             max_history_chars=settings.max_history_chars,
+            video_limits=VideoLimits(max_file_bytes=int(settings.max_video_mb * 1024 * 1024),
+                                     max_seconds=settings.max_video_seconds)
+            if getattr(engine.runner, "reads_video", False) else None,
+            max_videos=settings.max_videos,
+            video_frames=settings.video_frames,
         )
-        # The settings a client that sends none gets, and the page's sliders start at.
-        self.defaults = SamplingParams(max_new_tokens=min(settings.default_new_tokens, settings.max_new_tokens),
-                                       temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P)
+        # The settings a client that sends none gets, and the page's sliders start at: the
+        # checkpoint's where it names them (clamped like a client's), the server's own elsewhere.
+        named = {"temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P, **(checkpoint_sampling or {})}
+        self.defaults = self._clamped(SamplingParams(), settings.default_new_tokens, named["temperature"],
+                                      named["top_p"], named.get("top_k"), named.get("repetition_penalty"))
 
-    def params(self, max_new_tokens, temperature, top_p, top_k=None, repetition_penalty=None) -> SamplingParams:
+    def params(self, max_new_tokens=None, temperature=None, top_p=None, top_k=None,
+               repetition_penalty=None) -> SamplingParams:
         """Clamp what a client sends to the server's limits; refuse what is not a finite number.
 
-        Clamping keeps sliders and sloppy clients working (temperature 5 becomes 2), but a NaN
-        or an infinity has no nearest allowed value: it is refused with a message (InputError).
+        A setting the client leaves out (None) is the server's default (`defaults`). Clamping
+        keeps sliders and sloppy clients working (temperature 5 becomes 2), but a NaN or an
+        infinity has no nearest allowed value: it is refused with a message (InputError).
         """
-        tokens = _finite("max new tokens", max_new_tokens, self.settings.default_new_tokens)
+        return self._clamped(self.defaults, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+
+    def _clamped(self, base: SamplingParams, max_new_tokens, temperature, top_p, top_k,
+                 repetition_penalty) -> SamplingParams:
+        """`params` with `base` for what is None."""
+        tokens = _finite("max new tokens", max_new_tokens, base.max_new_tokens)
         return SamplingParams(
             max_new_tokens=int(min(max(tokens, 1), self.settings.max_new_tokens)),
-            temperature=min(max(_finite("temperature", temperature, 0.0), 0.0), MAX_TEMPERATURE),
-            top_p=min(max(_finite("top_p", top_p, 1.0), 0.01), 1.0),
-            top_k=int(max(_finite("top_k", top_k, 0), 0)),
-            repetition_penalty=min(max(_finite("repetition penalty", repetition_penalty, 1.0), 0.01),
-                                   MAX_REPETITION_PENALTY),
+            temperature=min(max(_finite("temperature", temperature, base.temperature), 0.0), MAX_TEMPERATURE),
+            top_p=min(max(_finite("top_p", top_p, base.top_p), 0.01), 1.0),
+            top_k=int(max(_finite("top_k", top_k, base.top_k), 0)),
+            repetition_penalty=min(max(_finite("repetition penalty", repetition_penalty, base.repetition_penalty),
+                                       0.01), MAX_REPETITION_PENALTY),
         )
 
     def options(self, enable_thinking=None, downsample_mode=None, max_slice_nums=None,
                 max_num_frames=None) -> PromptOptions:
         """How the prompt is built, from what a client sends; None keeps the checkpoint's default.
 
-        Numbers are clamped into range like the sampling settings; a choice that is not one of
+        Numbers are clamped into range like the sampling settings (frames to the server's
+        --max-video-frames); a choice that is not one of
         the allowed ones (a detail mode, a non-boolean thinking switch) is refused with a message.
         """
         if enable_thinking is not None and not isinstance(enable_thinking, bool):
@@ -79,7 +98,8 @@ class ChatService:
             enable_thinking=enable_thinking,
             downsample_mode=downsample_mode or DOWNSAMPLE_MODES[0],
             max_slice_nums=_whole_within("max slices", max_slice_nums, MAX_SLICE_NUMS),
-            max_num_frames=_whole_within("max frames", max_num_frames, MAX_NUM_FRAMES),
+            max_num_frames=_whole_within("max frames", max_num_frames,
+                                         min(self.settings.max_video_frames, MAX_NUM_FRAMES)),
         )
 
     def submit(self, message, history, params: SamplingParams, system_prompt: str = "", *,

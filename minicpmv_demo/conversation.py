@@ -1,4 +1,4 @@
-"""A chat as the model sees it: turns of text and validated images, plus a system prompt.
+"""A chat as the model sees it: turns of text, validated images and videos, plus a system prompt.
 
 This is the hand-over format between the UI side (which parses Gradio's messages and checks
 uploads) and the model side (which renders it with a chat template). Neither side needs to know
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .images import PreparedImage
+from .videos import PreparedVideo
 
 # The widest choices a request may make about how its prompt is built (the engine's door).
 DOWNSAMPLE_MODES = ("16x", "4x")
@@ -49,6 +50,7 @@ class Turn:
     role: Literal["user", "assistant"]
     text: str
     images: tuple[PreparedImage, ...] = ()
+    videos: tuple[PreparedVideo, ...] = ()  # each already sampled to the request's frames
 
 
 @dataclass(frozen=True)
@@ -63,25 +65,32 @@ class Conversation:
     def images(self) -> list[PreparedImage]:
         return [image for turn in self.turns for image in turn.images]
 
+    def videos(self) -> list[PreparedVideo]:
+        return [video for turn in self.turns for video in turn.videos]
+
     def to_template_messages(self) -> list[dict]:
-        """Messages for `processor.apply_chat_template`: images first in a turn, then its text."""
+        """Messages for `processor.apply_chat_template`: images first in a turn, then videos, then
+        its text."""
         messages: list[dict] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
         for turn in self.turns:
-            content = [{"type": "image"} for _ in turn.images]
+            content = [{"type": "image"} for _ in turn.images] + [{"type": "video"} for _ in turn.videos]
             content.append({"type": "text", "text": turn.text})
             messages.append({"role": turn.role, "content": content})
         return messages
 
     def digest(self) -> str:
-        """Identity of the chat for the reply cache: images by content hash, never by file name."""
+        """Identity of the chat for the reply cache: images and videos by content hash (of the
+        frames taken), never by file name."""
         if not self._digest:
             hasher = hashlib.sha256(f"{self.options!r}\x00{self.system_prompt}".encode())
             for turn in self.turns:
                 hasher.update(f"\x00{turn.role}\x00{turn.text}".encode())
                 for image in turn.images:
                     hasher.update(image.digest.encode())
+                for video in turn.videos:
+                    hasher.update(f"video:{video.digest}".encode())
             object.__setattr__(self, "_digest", hasher.hexdigest())
         return self._digest
 

@@ -60,9 +60,10 @@ class HttpGuard:
         self.body_limit = int(settings.max_body_mb * MB)
         self.body_message = (f"The request body is larger than {settings.max_body_mb:g} MB "
                              "(the server's --max-body-mb).")
-        self.upload_limit = int(settings.max_images * settings.max_file_mb * MB) + MULTIPART_SLACK
+        self.upload_limit = int(settings.max_images * settings.max_upload_mb * MB) + MULTIPART_SLACK
         self.upload_message = (f"Upload too large: one request may carry at most {settings.max_images} files "
-                               f"of {settings.max_file_mb:g} MB (the server's --max-images and --max-file-mb).")
+                               f"of {settings.max_upload_mb:g} MB (the server's --max-images and --max-file-mb "
+                               "or --max-video-mb).")
         self.throttle = LoginThrottle(settings.login_failures)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

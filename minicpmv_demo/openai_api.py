@@ -2,8 +2,16 @@
 
 Many users already have OpenAI clients. These routes go through the same `ChatService` as the
 page, so API requests are batched with UI users in the one engine, and obey the same input
-checks, limits and login. Images come as `image_url` parts: `data:` URLs, or URLs of files
-uploaded to this server (`.../gradio_api/file=<path>`).
+checks, limits and login. Images come as `image_url` parts and videos as `video_url` parts:
+`data:` URLs, or URLs of files uploaded to this server (`.../gradio_api/file=<path>`).
+
+Reasoning follows vLLM's conventions, so clients move between servers unchanged: a request
+switches it with `chat_template_kwargs: {"enable_thinking": true|false}`; a reply carries it in
+`reasoning_content` beside `content` (stream deltas carry one or the other); reasoning that a
+client sends back in earlier assistant messages is never shown to the model. Every reply has
+`usage`; a stream sends it in a last chunk when asked (`stream_options: {"include_usage": true}`).
+Visual settings follow them too: `mm_processor_kwargs: {"downsample_mode": "16x"|"4x",
+"max_slice_nums": N, "max_num_frames": N}`.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from starlette.background import BackgroundTask
 from .admission import Busy
 from .chat_input import InputError, content_parts
 from .chat_service import ChatService, upload_root
-from .engine import FinishReason, ReplyError, ReplyStream
+from .engine import FinishReason, ReplyError, ReplyStream, SamplingParams
 from .http_guard import api_key_ok
+from .reasoning import split_reasoning
+from .videos import VIDEO_MIME_SUFFIXES
 
 MAX_DATA_URL_BYTES = 30 * 1024 * 1024
 # Seconds a client told "busy" is asked to wait before trying again.
@@ -38,6 +48,8 @@ RETRY_AFTER_S = 2
 READER_THREADS = 4
 # How often a request waiting for its reply checks that its client is still there.
 DISCONNECT_CHECK_S = 0.25
+# The `mm_processor_kwargs` this server reads; the numbers must be whole numbers.
+MM_PROCESSOR_KWARGS = ("downsample_mode", "max_slice_nums", "max_num_frames")
 
 
 class ApiError(Exception):
@@ -71,6 +83,7 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> No
             _authorize(request, service)
             body = await _json_body(request)
             streaming = _options(body)
+            include_usage = _include_usage(body)
             exit_gate = await service.gate.enter()
         except Busy:
             return _error(ApiError(503, "The server is busy. Please try again in a moment.", "server_busy"),
@@ -84,7 +97,7 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> No
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if streaming:
             # The background task also runs when the client hangs up before the first chunk.
-            return StreamingResponse(_sse(stream, completion_id, model_name, service, request),
+            return StreamingResponse(_sse(stream, completion_id, model_name, service, request, include_usage),
                                      media_type="text/event-stream", background=BackgroundTask(stream.cancel))
         try:
             if not await _ended(stream, request):
@@ -119,6 +132,27 @@ def _options(body: dict) -> bool:
     if choices not in (None, 1) or isinstance(choices, bool):
         raise ApiError(400, f"'n' must be 1: this server returns one choice per request (got {choices!r}).")
     return bool(streaming)
+
+
+def _include_usage(body: dict) -> bool:
+    """`stream_options.include_usage`: a stream's last chunk carries the usage, as OpenAI sends it."""
+    options = body.get("stream_options") or {}
+    include = options.get("include_usage") if isinstance(options, dict) else "not an object"
+    if include is not None and not isinstance(include, bool):
+        raise ApiError(400, "'stream_options' must look like {\"include_usage\": true}.")
+    return bool(include)
+
+
+def _thinking_switch(body: dict) -> bool | None:
+    """`chat_template_kwargs.enable_thinking` (vLLM's switch); None when not sent: the model's
+    default. The template's other variables are not the client's to set, so they are ignored."""
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "'chat_template_kwargs' must be an object, e.g. {\"enable_thinking\": false}.")
+    switch = kwargs.get("enable_thinking")
+    if switch is not None and not isinstance(switch, bool):
+        raise ApiError(400, f"'chat_template_kwargs.enable_thinking' must be true or false, not {str(switch)[:40]!r}.")
+    return switch
 
 
 class _EndSignal:
@@ -173,9 +207,9 @@ def _read_and_submit(service: ChatService, body: dict, exit_gate: Callable[[], N
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list.")
+    params = _sampling(service, body)
     try:
-        params = service.params(_first_given(body, "max_tokens", "max_completion_tokens"),
-                                body.get("temperature", 1.0), body.get("top_p", 1.0))
+        options = service.options(enable_thinking=_thinking_switch(body), **_mm_processor_kwargs(body))
     except InputError as exc:
         raise ApiError(400, str(exc)) from None
     scratch = tempfile.mkdtemp(prefix="openai-", dir=_scratch_root())
@@ -194,12 +228,44 @@ def _read_and_submit(service: ChatService, body: dict, exit_gate: Callable[[], N
         texts, files = content_parts(history.pop()["content"])
         question = {"text": "\n".join(texts), "files": files}
         try:
-            stream, _ = service.submit(question, history, params, "\n".join(system), exit_gate=exit_gate)
+            stream, _ = service.submit(question, history, params, "\n".join(system), options=options,
+                                       exit_gate=exit_gate)
         except InputError as exc:
             raise ApiError(400, str(exc)) from None
         return stream
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)  # images are decoded into memory by now
+        shutil.rmtree(scratch, ignore_errors=True)  # pictures and video frames are in memory by now
+
+
+def _mm_processor_kwargs(body: dict) -> dict:
+    """The request's visual settings from `mm_processor_kwargs` (vLLM's field), for
+    `service.options` (which clamps the numbers like the page's and refuses a bad detail mode);
+    400 for a key this server does not read or a number that is not a whole number."""
+    kwargs = body.get("mm_processor_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise ApiError(400, "'mm_processor_kwargs' must be an object, e.g. {\"downsample_mode\": \"4x\"}.")
+    unknown = sorted(set(kwargs) - set(MM_PROCESSOR_KWARGS))
+    if unknown:
+        raise ApiError(400, f"Unsupported mm_processor_kwargs: {', '.join(map(str, unknown))[:80]} "
+                            f"(this server reads {', '.join(MM_PROCESSOR_KWARGS)}).")
+    for name in ("max_slice_nums", "max_num_frames"):
+        value = kwargs.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ApiError(400, f"mm_processor_kwargs.{name} must be a whole number, not {str(value)[:40]!r}.")
+    return dict(kwargs)
+
+
+def _sampling(service: ChatService, body: dict) -> SamplingParams:
+    """The request's sampling settings: OpenAI's, plus `top_k` and `repetition_penalty` as extra
+    body fields (as vLLM takes them; top_k -1 or 0 is off). What the client leaves out is the
+    server's default, which is the checkpoint's own (`ChatService.defaults`), as vLLM does."""
+    try:
+        return service.params(_first_given(body, "max_tokens", "max_completion_tokens"), body.get("temperature"),
+                              body.get("top_p"), body.get("top_k"), body.get("repetition_penalty"))
+    except InputError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _first_given(body: dict, *names: str):
@@ -231,7 +297,8 @@ def _part_text(part: dict) -> str:
 
 
 def _parts(content, scratch: str) -> list[dict]:
-    """OpenAI content parts as the chat input reader wants them: text and file parts."""
+    """OpenAI content parts as the chat input reader wants them: text and file parts (a video's
+    file keeps a video suffix, which is how the reader tells it from a picture)."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -241,39 +308,74 @@ def _parts(content, scratch: str) -> list[dict]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             parts.append({"type": "text", "text": _part_text(part)})
-        elif kind == "image_url":
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else None
+        elif kind in ("image_url", "video_url"):
+            media, example = ("image", "data:image/png;base64,...") if kind == "image_url" else (
+                "video", "data:video/mp4;base64,...")
+            wrapper = part.get(kind)
+            url = wrapper.get("url") if isinstance(wrapper, dict) else None
             if not isinstance(url, str):
-                raise ApiError(400, "An image_url part must look like {\"image_url\": {\"url\": \"data:image/png;base64,...\"}}.")
-            parts.append({"type": "file", "file": {"path": _image_path(url, scratch)}})
+                raise ApiError(400, f"A {kind} part must look like {{\"{kind}\": {{\"url\": \"{example}\"}}}}.")
+            parts.append({"type": "file", "file": {"path": _file_path(url, scratch, media)}})
         else:
-            raise ApiError(400, f"Unsupported content part: {str(kind)[:40]!r} (use 'text' or 'image_url').")
+            raise ApiError(400, f"Unsupported content part: {str(kind)[:40]!r} "
+                                "(use 'text', 'image_url' or 'video_url').")
     return parts
 
 
-def _image_path(url: str, scratch: str) -> str:
+def _file_path(url: str, scratch: str, media: str) -> str:
+    """Where the file of an `image_url` or `video_url` lies: a data URL is written to `scratch`
+    (a video with the suffix of its type), a URL of this server's uploads names its file."""
     if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header or len(payload) > MAX_DATA_URL_BYTES * 4 // 3 + 4:
-            raise ApiError(400, "Images must be base64 data URLs (data:image/png;base64,...) of at most 30 MB.")
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "An image data URL is not valid base64.") from None
-        path = os.path.join(scratch, f"image-{uuid.uuid4().hex}")
-        with open(path, "wb") as file:
-            file.write(data)
-        return path
+        return _write_data_url(url, scratch, media)
     marker = "file="
     parsed = urlparse(url)
     if parsed.scheme in ("http", "https") and marker in parsed.path:
         return unquote(parsed.path.split(marker, 1)[1])  # checked against the upload folder later
-    raise ApiError(400, "image_url must be a data: URL or the URL of a file uploaded to this server.")
+    raise ApiError(400, f"{media}_url must be a data: URL or the URL of a file uploaded to this server.")
+
+
+def _write_data_url(url: str, scratch: str, media: str) -> str:
+    header, _, payload = url.partition(",")
+    example = "data:image/png;base64,..." if media == "image" else "data:video/mp4;base64,..."
+    if ";base64" not in header or len(payload) > MAX_DATA_URL_BYTES * 4 // 3 + 4:
+        raise ApiError(400, f"{media.capitalize()}s must be base64 data URLs ({example}) of at most 30 MB.")
+    suffix = ""
+    if media == "video":
+        mime = header[len("data:"):].split(";", 1)[0].strip().lower()
+        if mime not in VIDEO_MIME_SUFFIXES:
+            raise ApiError(400, f"Videos must be {', '.join(VIDEO_MIME_SUFFIXES)} data URLs, not {mime[:40]!r}.")
+        suffix = VIDEO_MIME_SUFFIXES[mime]
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"The {media} data URL is not valid base64.") from None
+    path = os.path.join(scratch, f"{media}-{uuid.uuid4().hex}{suffix}")
+    with open(path, "wb") as file:
+        file.write(data)
+    return path
+
+
+class _ReplyDeltas:
+    """What a streamed reply added since the last chunk, its reasoning apart from its answer:
+    reasoning deltas carry `reasoning_content`, answer deltas `content`, as vLLM streams them."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.thinking = thinking  # the prompt opened `<think>`: the reply starts as reasoning
+        self.sent = {"reasoning_content": "", "content": ""}
+
+    def new(self, text: str) -> list[dict]:
+        """Deltas for the reply so far, `text` (a part held back while a tag arrives is sent later)."""
+        parts = split_reasoning(text, self.thinking)
+        deltas = []
+        for key, now in (("reasoning_content", parts.reasoning or ""), ("content", parts.answer)):
+            if len(now) > len(self.sent[key]):
+                deltas.append({key: now[len(self.sent[key]):]})
+                self.sent[key] = now
+        return deltas
 
 
 async def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatService,
-               request: Request) -> AsyncIterator[str]:
+               request: Request, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; a client that hangs up cancels the request.
 
     Tokens are coalesced like the page's (one chunk per stream interval at most); the end is
@@ -281,12 +383,13 @@ async def _sse(stream: ReplyStream, completion_id: str, model: str, service: Cha
     """
     created = int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
+    def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    sent = ""
+    deltas = _ReplyDeltas(stream.thinking)
     end = _EndSignal(stream)
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -294,14 +397,14 @@ async def _sse(stream: ReplyStream, completion_id: str, model: str, service: Cha
             ended = await end.wait(service.current_stream_interval())
             if await request.is_disconnected():
                 return  # the client left: `finally` frees its row
-            text = stream.text
-            if text != sent:
-                yield chunk({"content": text[len(sent):]})
-                sent = text
+            for delta in deltas.new(stream.text):
+                yield chunk(delta)
             if ended:
                 break
         stream.result(timeout=0)  # raises the engine's error, if any
         yield chunk({}, _finish_reason(stream))
+        if include_usage:
+            yield chunk(None, usage=_usage(stream))  # OpenAI's shape: no choices, the usage
     except ReplyError as exc:
         yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
     finally:
@@ -315,11 +418,19 @@ def _finish_reason(stream: ReplyStream) -> str:
 
 
 def _completion(completion_id: str, model: str, text: str, stream: ReplyStream) -> dict:
-    tokens = stream.stats.tokens if stream.stats else 0
+    parts = split_reasoning(text, stream.thinking)
+    message = {"role": "assistant", "content": parts.answer, "reasoning_content": parts.reasoning}
     return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": _finish_reason(stream)}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": tokens, "total_tokens": tokens}}
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(stream)}],
+            "usage": _usage(stream)}
+
+
+def _usage(stream: ReplyStream) -> dict:
+    """Tokens read (the encoded prompt, pictures' tokens included) and written (reasoning
+    included, the stop token not) by one finished reply."""
+    completion = stream.stats.tokens if stream.stats else 0
+    return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": stream.prompt_tokens + completion}
 
 
 def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:

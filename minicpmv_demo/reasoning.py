@@ -48,3 +48,26 @@ def _without_partial_tag(text: str) -> str:
         if text.endswith(THINK_CLOSE[:size]):
             return text[:-size]
     return text
+
+
+def prompt_opens_reasoning(prompt_text: str) -> bool:
+    """Whether a rendered prompt ends inside an open `<think>` block (Qwen3.5's generation
+    prompt with thinking on), so the reply starts as reasoning.
+
+    Read from the text the template produced, not from the switch that was asked for: a
+    template without the switch, or one that always thinks, is then described truthfully.
+    """
+    return prompt_text.rstrip().endswith(THINK_OPEN)
+
+
+def without_reasoning(text: str) -> str:
+    """An earlier assistant message as it goes back to the model: its answer, never its reasoning.
+
+    What precedes the last `</think>` is reasoning (as Qwen3.5's template reads it); a message
+    that opens `<think>` and never closes it was cut while reasoning and has no answer at all.
+    """
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].lstrip()
+    if text.lstrip().startswith(THINK_OPEN):
+        return ""
+    return text

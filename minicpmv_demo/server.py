@@ -58,7 +58,7 @@ class App:
             "server_port": settings.port or None,
             "share": settings.share,
             "auth": settings.auth_pair,
-            "max_file_size": int(settings.max_file_mb * 1024 * 1024),
+            "max_file_size": int(settings.max_upload_mb * 1024 * 1024),  # a picture or a video
             # A streaming event holds a worker thread for its whole reply.
             "max_threads": settings.concurrency + 16,
             # Refusals raised inside Gradio itself (a file path that was never uploaded, a value
@@ -136,10 +136,12 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
         log.info("ZeroGPU: each batch runs in one @spaces.GPU call")
     budget = None if batch_call else cache_budget_bytes(settings.gpu_memory_utilization)
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
-                    memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call).start()
+                    memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call,
+                    max_thinking_tokens=settings.max_thinking_tokens, max_model_len=settings.max_model_len,
+                    enforce_eager=settings.enforce_eager).start()
     gpu = GpuMemory()
     monitor = ServerMonitor(engine, gpu, interval_s=settings.panel_interval).start()
-    service = ChatService(engine, settings, gpu)
+    service = ChatService(engine, settings, gpu, loaded.sampling_defaults)
     demo = build_ui(service, loaded, monitor)
     # api_open=False: no REST route may reach the model around the queue and its limits.
     demo.queue(max_size=settings.queue_size, api_open=False, default_concurrency_limit=settings.concurrency)

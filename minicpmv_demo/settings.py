@@ -47,11 +47,39 @@ class Settings:
                                                           "see 'busy, try again'"})
     gpu_memory_utilization: float = field(
         default=0.9, metadata={"help": "share of GPU memory the engine may fill with caches"})
+    max_model_len: int = field(
+        default=0, metadata={"help": "tokens one request may hold (prompt and reply); the engine preallocates "
+                                     "this for each of --max-batch rows. 0 = auto: from the GPU memory budget "
+                                     "(half of it for these buffers), 8192 on the CPU; never past the model's "
+                                     "context window"})
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "do not capture decode steps as CUDA graphs (they are captured at "
+                                         "start-up on a CUDA GPU, never on the CPU or ZeroGPU)"})
     cache_size: int = field(default=128, metadata={"help": "greedy replies remembered (0 disables)"})
     max_new_tokens: int = field(default=1024, metadata={"help": "server cap on new tokens per reply"})
+    max_thinking_tokens: int = field(
+        default=2048, metadata={"help": "most tokens one reply may spend reasoning (inside <think>) before the "
+                                        "server closes the block so the model answers, and says so; never more "
+                                        "than 3/4 of the reply's max new tokens (0 = no cap)"})
+    default_thinking: str = field(
+        default="auto", metadata={"help": "whether a request that does not choose gets reasoning: auto = on for a "
+                                          "Thinking checkpoint (its id or path says 'Thinking'), off otherwise",
+                                  "choices": ("auto", "on", "off")})
     default_new_tokens: int = field(default=512, metadata={"help": "initial value of the slider"})
     max_images: int = field(default=4, metadata={"help": "most images in one message"})
     max_file_mb: float = field(default=20.0, metadata={"help": "largest upload accepted"})
+    max_videos: int = field(
+        default=1, metadata={"help": "most videos in one message (they count among --max-images too)"})
+    max_video_mb: float = field(default=20.0, metadata={"help": "largest video file accepted (mp4, webm, mov)"})
+    max_video_seconds: float = field(
+        default=600.0, metadata={"help": "longest video accepted, in seconds (read from its header before "
+                                         "anything is decoded)"})
+    video_frames: int = field(
+        default=32, metadata={"help": "frames taken from a video when a request names no count (one a "
+                                      "second for shorter clips); MiniCPM-V 4.6 reads each as 64 tokens, "
+                                      "256 in fine detail"})
+    max_video_frames: int = field(
+        default=64, metadata={"help": "most frames a request may ask for (max_num_frames is clamped to it)"})
     max_message_chars: int = field(default=100_000, metadata={"help": "longest message text accepted"})
     max_history_messages: int = field(
         default=400, metadata={"help": "most earlier messages a request may carry (the page shows each "
@@ -88,6 +116,11 @@ class Settings:
     torch_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch; 0 = auto (1 for the tiny model, whose "
                                      "ops are too small to split; torch's default otherwise)"})
+
+    @property
+    def max_upload_mb(self) -> float:
+        """Largest single file an upload may carry: a picture or a video."""
+        return max(self.max_file_mb, self.max_video_mb)
 
     @property
     def auth_pair(self) -> tuple[str, str] | None:
@@ -168,13 +201,17 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     problems = []
     for name in ("max_batch", "concurrency", "queue_size", "max_new_tokens", "default_new_tokens",
                  "max_images", "max_message_chars", "max_history_messages", "max_history_chars",
-                 "login_failures"):
+                 "login_failures", "max_videos"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.torch_threads < 0:
         problems.append("--torch-threads must be 0 (auto) or more")
+    if settings.max_model_len < 0:
+        problems.append("--max-model-len must be 0 (auto) or more")
     if settings.cache_size < 0:
         problems.append("--cache-size must be 0 or more")
+    if settings.max_thinking_tokens < 0:
+        problems.append("--max-thinking-tokens must be 0 (no cap) or more")
     if not 0.05 <= settings.gpu_memory_utilization <= 1.0:
         problems.append("--gpu-memory-utilization must be between 0.05 and 1")
     if settings.panel_interval <= 0:
@@ -183,6 +220,13 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--max-file-mb must be positive")
     if settings.max_body_mb <= 0:
         problems.append("--max-body-mb must be positive")
+    if settings.max_video_mb <= 0 or settings.max_video_seconds <= 0:
+        problems.append("--max-video-mb and --max-video-seconds must be positive")
+    from .conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries
+
+    if not 1 <= settings.video_frames <= settings.max_video_frames <= MAX_NUM_FRAMES:
+        problems.append(f"--video-frames and --max-video-frames must satisfy 1 <= --video-frames <= "
+                        f"--max-video-frames <= {MAX_NUM_FRAMES}")
     try:
         _ = settings.auth_pair  # raises ValueError when it is not user:password
     except ValueError as exc:

@@ -52,6 +52,7 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
     import torch
 
     from .engine.sampling import sample_for
+    from .engine.seen_tokens import SeenTokens
     from .gpu import peak_memory_mb, reset_peak_memory
 
     reset_peak_memory()
@@ -60,12 +61,19 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
         generator = torch.Generator(device=logits.device).manual_seed(seed)
         alive = list(range(len(prompts)))
         counts = [0] * len(prompts)
+        replies: list[list[int]] = [[] for _ in prompts]  # what a repetition penalty counts
+        seen = SeenTokens()
         while alive:
-            tokens = sample_for(logits, [params[i] for i in alive], generator).tokens
+            penalised = [(row, prompts[row].ids, replies[row]) if params[row].repetition_penalty != 1.0 else None
+                         for row in alive]
+            history = seen.lookup(penalised, logits) if any(penalised) else None
+            tokens = sample_for(logits, [params[i] for i in alive], generator, history).tokens
             yield list(zip(alive, tokens, strict=True))
             keep = []
             for position, (row, token) in enumerate(zip(alive, tokens, strict=True)):
                 counts[row] += 1
+                if token is not None:
+                    replies[row].append(token)
                 if token is not None and token not in stop_token_ids and counts[row] < params[row].max_new_tokens:
                     keep.append(position)
             if not keep:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from minicpmv_demo import chat_input
 from minicpmv_demo.byte_size import byte_size
-from minicpmv_demo.conversation import Conversation, Turn
+from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.images import ImageLimits, prepare_image
 from minicpmv_demo.model import native
 
@@ -45,8 +45,8 @@ def test_preprocessed_pictures_and_vision_features_are_bounded_by_bytes(loaded_t
         image = prepare_image(picture(tmp_path / f"photo-{index}.png", 448, index))
         prompt = runner.encode(Conversation(turns=(Turn(role="user", text="?", images=(image,)),)))
         with torch.inference_mode():  # as in prefill
-            features = runner._image_features(prompt)
-        sizes.append((byte_size(runner._preprocessed(image)), byte_size(features)))
+            features = runner._visual_features(prompt, "image")
+        sizes.append((byte_size(runner._preprocessed(image, PromptOptions())), byte_size(features)))
     pixels, vision = (sum(column) for column in zip(*sizes, strict=True))
     assert pixels > native.IMAGE_CACHE_BYTES and vision > native.VISION_CACHE_BYTES, sizes  # more than fits
     assert 0 < runner._image_cache.total <= native.IMAGE_CACHE_BYTES

@@ -64,7 +64,9 @@ def test_each_row_keeps_its_own_settings(make_engine):
         stream.result(timeout=60)
     assert (short.stats.tokens, short.stats.finish_reason) == (3, FinishReason.LENGTH)
     assert (long.stats.tokens, long.stats.finish_reason) == (30, FinishReason.LENGTH)
-    assert hot.stats.tokens == 20 and hot.text
+    # A sampled row may draw the stop token early; otherwise it runs to its own length.
+    assert hot.text and (hot.stats.tokens == 20 or hot.stats.finish_reason == FinishReason.STOP)
+    assert hot.stats.tokens <= 20
 
 
 def test_rows_finish_on_their_own_eos(make_engine, loaded_tiny):

@@ -162,9 +162,9 @@ class CountingRunner(NativeRunner):
         self.encoded_turns += len(conversation.turns)
         return super().encode(conversation)
 
-    def turn_length(self, turn):
+    def turn_length(self, turn, options=PromptOptions()):
         self.measured_turns += 1
-        return super().turn_length(turn)
+        return super().turn_length(turn, options)
 
 
 def long_history(turns: int, chars: int) -> tuple[Turn, ...]:

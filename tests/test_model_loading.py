@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from conftest import ask
+from minicpmv_demo.chat_service import DEFAULT_TOP_P, ChatService
 from minicpmv_demo.conversation import Turn
 from minicpmv_demo.engine import SamplingParams
+from minicpmv_demo.gpu import GpuMemory
 from minicpmv_demo.model import ModelLoadError, load_model
-from minicpmv_demo.model.tiny import build_word_tokenizer, ensure_tiny_model
+from minicpmv_demo.model.legacy import CHAT_SAMPLING
+from minicpmv_demo.model.sampling_defaults import checkpoint_sampling
+from minicpmv_demo.model.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model, save_checkpoint
 from minicpmv_demo.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,14 +57,63 @@ def test_word_tokenizer_padded_to_a_full_vocabulary_counts_every_id_as_one_token
 
 def test_tiny_model_in_int4_loads_and_answers(tiny_dir, make_engine):
     loaded = load_model(Settings(model="tiny", tiny_model_dir=tiny_dir, quant="int4"))
-    quantized = [m for m in loaded.runner.model.modules() if type(m).__name__ == "Linear4bit"]
-    assert len(quantized) > 20
+    modules = dict(loaded.runner.model.named_modules())
+    quantized = [m for m in modules.values() if type(m).__name__ == "Linear4bit"]
+    assert len(quantized) == len([name for name, m in modules.items() if isinstance(m, torch.nn.Linear)
+                                  and name.startswith("model.language_model.")]) > 10, "the language model's layers"
     weight = quantized[0].weight
     assert weight.quant_state.quant_type == "nf4" and weight.quant_state.nested  # double quant
     assert loaded.quantization.startswith("int4")
     engine = make_engine(loaded.runner, max_batch=4)
     streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=8)) for q in ("a", "b", "c")]
     assert all(s.result(timeout=120) for s in streams)
+
+
+@pytest.mark.parametrize("quant, quantized_kind", [("int4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantization_keeps_the_vision_tower_merger_and_head_unquantized(quant, quantized_kind, tiny_dir, tmp_path,
+                                                                         make_engine):
+    """The published vision MLP width (4304) is no multiple of 64, which bitsandbytes' int4 CPU
+    kernels refuse (on CPUs with AVX512-BF16) and its GPU kernels run slowly: only the language
+    model is quantized, as in the official int4 releases. A tiny model with such a width loads
+    and answers."""
+    from transformers import AutoConfig, AutoProcessor, MiniCPMV4_6ForConditionalGeneration
+
+    source = ensure_tiny_model(tiny_dir)
+    config = AutoConfig.from_pretrained(source)
+    config.vision_config.intermediate_size = 100
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MiniCPMV4_6ForConditionalGeneration(config)
+    save_checkpoint(model, AutoProcessor.from_pretrained(source), tmp_path / "odd-vision")
+    loaded = load_model(Settings(model=str(tmp_path / "odd-vision"), quant=quant))
+    kinds = {name: type(module).__name__ for name, module in loaded.runner.model.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    assert kinds["model.vision_tower.encoder.layers.0.mlp.fc1"] == "Linear"
+    outside_text = {kind for name, kind in kinds.items() if not name.startswith("model.language_model.")}
+    assert outside_text == {"Linear"}, "vision tower, merger and head stay unquantized"
+    assert {kind for name, kind in kinds.items() if name.startswith("model.language_model.")} == {quantized_kind}
+    engine = make_engine(loaded.runner, max_batch=2)
+    streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=6)) for q in ("a", "b")]
+    assert all(s.result(timeout=120) for s in streams)
+
+
+def test_sampling_defaults_are_what_the_checkpoint_file_sets(loaded_tiny, make_engine, tiny_settings):
+    """The tiny model ships MiniCPM-V 4.6's generation config; only the fields a file sets count."""
+    folder = Path(loaded_tiny.runner.model.name_or_path)
+    shipped = json.loads((folder / "generation_config.json").read_text())
+    assert {k: shipped[k] for k in ("do_sample", "temperature", "top_p", "top_k")} == GENERATION_SAMPLING
+    assert loaded_tiny.sampling_defaults == {"temperature": 0.7, "top_p": 1.0, "top_k": 0}
+    service = ChatService(make_engine(started=False), tiny_settings, GpuMemory(), loaded_tiny.sampling_defaults)
+    assert service.defaults == SamplingParams(max_new_tokens=tiny_settings.default_new_tokens, temperature=0.7,
+                                              top_p=1.0, top_k=0, repetition_penalty=1.0)
+    assert checkpoint_sampling(GenerationConfig(eos_token_id=[1], pad_token_id=0)) == {}
+    assert checkpoint_sampling(GenerationConfig(do_sample=False, temperature=0.6, repetition_penalty=1.05)) == {
+        "temperature": 0.0, "repetition_penalty": 1.05}, "do_sample false is greedy"
+    named = checkpoint_sampling(GenerationConfig(temperature=5.0, top_k=50))
+    clamped = ChatService(make_engine(started=False), tiny_settings, GpuMemory(), named).defaults
+    assert (clamped.temperature, clamped.top_p, clamped.top_k) == (2.0, DEFAULT_TOP_P, 50), \
+        "clamped like a client's; what the file leaves out is the server's own"
+    assert ChatService(make_engine(started=False), tiny_settings, GpuMemory()).defaults.top_p == DEFAULT_TOP_P
 
 
 def _write_remote_code_model(folder: Path, tiny: Path) -> None:
@@ -116,6 +170,7 @@ def test_remote_code_model_needs_the_flag_then_runs_through_the_engine(tmp_path,
     (tmp_path / "weights").rename(folder / "model.safetensors")
     loaded = load_model(Settings(model=str(folder), trust_remote_code=True))
     assert loaded.runner.supports_batching is False
+    assert loaded.sampling_defaults == CHAT_SAMPLING, "the page starts at the release's chat() settings"
     engine = make_engine(loaded.runner, max_batch=8)
     assert engine.max_batch == 1
     streams = [engine.submit(ask(f"question {i}", "chart.png", "scene.png"), SamplingParams(max_new_tokens=50))
@@ -123,6 +178,7 @@ def test_remote_code_model_needs_the_flag_then_runs_through_the_engine(tmp_path,
     assert [s.result(timeout=30).split() for s in streams] == [
         ["seen", "2", "images", "for", "question", str(i), "greedy"] for i in range(3)]
     assert [s.stats.tokens for s in streams] == [7, 7, 7], "every piece chat() streamed is counted"
+    assert not loaded.thinks_by_default and not any(s.thinking for s in streams), "2.5 / 2.6 never reason"
     # A chat longer than the model's context loses its oldest exchanges here too.
     loaded.runner.context_length = 2000
     filler = " ".join(["the picture shows a house"] * 150)
@@ -187,8 +243,7 @@ def test_cached_encoding_equals_the_processor(loaded_tiny):
         conversation = ask("Describe these.", *names)
         for _ in range(2):  # the second time from the cache
             mine = runner.encode(conversation).inputs
-            text = runner.processor.apply_chat_template(conversation.to_template_messages(),
-                                                        add_generation_prompt=True, tokenize=False)
+            text = runner.render(conversation)  # the chat template, with the thinking switch set
             pictures = [[image.image for image in conversation.images()]] if names else None
             reference = runner.processor(images=pictures, text=[text], return_tensors="pt")
             assert sorted(mine) == sorted(reference.keys())

@@ -116,3 +116,27 @@ def test_busy_beyond_the_queue_size(tiny_settings, loaded_tiny):
         assert wait_until(lambda: app.service.gate.inside == 0)
     finally:
         app.close()
+
+
+def test_top_k_and_repetition_penalty_as_extra_body_fields(served, monkeypatch):
+    """vLLM's extra fields reach the engine as the request's settings; a client that sends no
+    settings gets the checkpoint's (the tiny model ships MiniCPM-V 4.6's generation config)."""
+    app, url = served
+    seen: list[SamplingParams] = []
+    submit = app.engine.submit
+    monkeypatch.setattr(app.engine, "submit", lambda conversation, params: seen.append(params) or
+                        submit(conversation, params))
+    client = client_for(url)
+    client.chat.completions.create(model="tiny", messages=ask("What is this?", "chart.png"), max_tokens=4,
+                                   temperature=0.5, extra_body={"top_k": 20, "repetition_penalty": 1.3})
+    client.chat.completions.create(model="tiny", messages=ask("What is this?", "chart.png"),
+                                   extra_body={"top_k": -1})
+    client.chat.completions.create(model="tiny", messages=ask("What is this?", "chart.png"))
+    assert seen[0] == SamplingParams(max_new_tokens=4, temperature=0.5, top_p=1.0, top_k=20, repetition_penalty=1.3)
+    assert seen[1].top_k == 0, "-1 (vLLM's 'off') is off"
+    assert seen[2] == app.service.defaults
+    assert (seen[2].temperature, seen[2].top_p, seen[2].top_k, seen[2].repetition_penalty) == (0.7, 1.0, 0, 1.0)
+    for bad in ({"top_k": "many"}, {"repetition_penalty": [2]}, {"repetition_penalty": "nan"}):
+        with pytest.raises(openai.BadRequestError, match="must be a"):
+            client.chat.completions.create(model="tiny", messages=ask("What is this?", "chart.png"), extra_body=bad)
+    assert len(seen) == 3, "refused requests never reach the engine"

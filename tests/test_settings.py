@@ -30,6 +30,13 @@ def test_bad_values_name_the_flag(capsys):
     assert "user:password" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="MINICPMV_PORT"):
         parse_settings([], environ={"MINICPMV_PORT": "eighty"})
+    with pytest.raises(SystemExit):
+        parse_settings(["--video-frames", "80"], environ={})  # above --max-video-frames' 64
+    assert "1 <= --video-frames <= --max-video-frames <= 128" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings([], environ={"MINICPMV_MAX_VIDEO_MB": "0"})
+    assert "--max-video-mb and --max-video-seconds must be positive" in capsys.readouterr().err
+    assert parse_settings(["--max-video-mb", "50"], environ={}).max_upload_mb == 50
 
 
 def test_help_lists_every_flag_with_its_env_twin():

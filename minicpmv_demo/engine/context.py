@@ -29,13 +29,16 @@ class FittedPrompt:
     dropped_exchanges: int
 
 
-def fit_to_context(runner, conversation: Conversation, max_new_tokens: int) -> FittedPrompt:
+def fit_to_context(runner, conversation: Conversation, max_new_tokens: int,
+                   context: int | None = None) -> FittedPrompt:
     """Encode the newest part of `conversation` that leaves room for `max_new_tokens`.
 
-    `runner` gives `encode(conversation)` (with `.length`), `turn_length(turn)` (an estimate
-    that does not undercount by more than the template's few tokens) and `context_length`.
+    `runner` gives `encode(conversation)` (with `.length`), `turn_length(turn, options)` (an
+    estimate with the request's visual settings that does not undercount by more than the
+    template's few tokens) and `context_length`; `context` (the engine's --max-model-len)
+    replaces the latter when given.
     """
-    context = runner.context_length
+    context = context or runner.context_length
     budget = max(context - max_new_tokens, 1)  # room for the prompt
     starts = _exchange_starts(conversation)
     keep = starts.index(_first_kept_turn(runner, conversation, budget))
@@ -57,9 +60,10 @@ def _first_kept_turn(runner, conversation: Conversation, budget: int) -> int:
     first and no further back than needed; the newest question is always kept."""
     turns = conversation.turns
     first = _exchange_starts(conversation)[-1]
-    total = runner.turn_length(Turn("user", conversation.system_prompt)) if conversation.system_prompt else 0
+    options = conversation.options
+    total = runner.turn_length(Turn("user", conversation.system_prompt), options) if conversation.system_prompt else 0
     for index in range(len(turns) - 1, -1, -1):
-        total += runner.turn_length(turns[index])
+        total += runner.turn_length(turns[index], options)
         if total > budget:
             break
         if turns[index].role == "user":

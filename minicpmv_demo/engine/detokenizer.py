@@ -11,6 +11,9 @@ class IncrementalDecoder:
     spaces before words) then still produce the right text. The window without the new token
     is usually one token, whose text is remembered, so most tokens cost one decode. A piece that
     ends in an unfinished UTF-8 character is held back until the next token completes it.
+    Special tokens (image placeholders, end markers) are skipped; `<think>` and `</think>` are
+    ordinary added tokens in Qwen3.5's vocabulary (and the tiny model's), so they stay in the
+    text, where reasoning.split_reasoning finds them.
     """
 
     def __init__(self, tokenizer, token_texts: dict[int, str] | None = None) -> None:

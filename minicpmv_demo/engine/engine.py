@@ -28,8 +28,11 @@ from ..gpu import peak_memory_mb, reset_peak_memory
 from ..lru import LruCache
 from .context import ContextError, fit_to_context
 from .detokenizer import IncrementalDecoder
+from .reasoning_budget import ReasoningBudget, budget_for
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from .sampling import sample_for
+from .seen_tokens import SeenTokens
+from .slots import fill_holes
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +62,48 @@ class _Row:
     started_at: float = 0.0
     largest_batch: int = 1
     reserved_bytes: int = 0
+    reasoning: ReasoningBudget | None = None  # caps a thinking row's reasoning (reasoning_budget.py)
+
+
+@dataclass(frozen=True)
+class _CachedReply:
+    """A finished greedy reply, with what its stream said about it besides the text."""
+
+    text: str
+    thinking: bool
+    prompt_tokens: int
+    tokens: int
 
 
 class Engine:
     """Owns a model runner on one thread and serves every request through it."""
 
     def __init__(self, runner, *, max_batch: int = 8, cache_size: int = 128,
-                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None) -> None:
-        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call."""
+                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None,
+                 max_thinking_tokens: int = 0, max_model_len: int = 0, enforce_eager: bool = False) -> None:
+        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call.
+        `max_thinking_tokens`: each reply's reasoning budget (0 = no cap; the app passes
+        --max-thinking-tokens), see reasoning_budget.py.
+
+        Runners with preallocated slots (`new_slots`) get `max_batch` slots of `max_model_len`
+        tokens (0: sized from `memory_budget_bytes`), and, unless `enforce_eager`, captured
+        decode steps where the device allows; ZeroGPU keeps no state between calls, so no slots.
+        """
         self.runner = runner
+        self.max_thinking_tokens = max_thinking_tokens
         self.batch_call = batch_call
         self.max_batch = max_batch if runner.supports_batching else 1
         self.ceiling = self.max_batch
         self.memory_budget_bytes = memory_budget_bytes
-        self.reply_cache: LruCache[str] = LruCache(cache_size)  # greedy replies by chat and settings
+        self.enforce_eager = enforce_eager
+        self._use_slots = hasattr(runner, "new_slots") and runner.supports_batching and batch_call is None
+        self.context_length = (runner.slot_length(self.max_batch, max_model_len, memory_budget_bytes)
+                               if self._use_slots else runner.context_length)
+        self.reply_cache: LruCache[_CachedReply] = LruCache(cache_size)  # greedy replies by chat and settings
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
         self._seed = seed
         self._generator: torch.Generator | None = None
+        self._seen = SeenTokens()  # prompt and reply tokens of rows with a repetition penalty
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Row] = deque()
@@ -92,6 +120,8 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Engine:
+        if self._use_slots and self._batch is None:
+            self._batch = self.runner.new_slots(self.max_batch, self.context_length, capture=not self.enforce_eager)
         self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
         self._thread.start()
         return self
@@ -127,8 +157,9 @@ class Engine:
         key = self._cache_key(conversation, params)
         cached = self.reply_cache.get(key) if key else None
         if cached is not None:
-            stream.append(cached)
-            stream.finish(ReplyStats(tokens=0, seconds=time.perf_counter() - stream.submitted_at,
+            stream.thinking, stream.prompt_tokens = cached.thinking, cached.prompt_tokens
+            stream.append(cached.text)
+            stream.finish(ReplyStats(tokens=cached.tokens, seconds=time.perf_counter() - stream.submitted_at,
                                      batch_size=0, peak_memory_mb=None,
                                      finish_reason=FinishReason.STOP, from_cache=True))
             return stream
@@ -136,7 +167,11 @@ class Engine:
         if prompt is None:
             return stream
         self._restart_if_dead()
-        row = _Row(stream=stream, prompt=prompt, params=params,
+        stream.thinking, stream.prompt_tokens = prompt.thinking, prompt.length
+        # Under ZeroGPU the GPU call decodes on its own: a forced token could not reach the model.
+        budget = None if self.batch_call else budget_for(self.runner.reasoning_tags, self.max_thinking_tokens,
+                                                         params.max_new_tokens, prompt.thinking)
+        row = _Row(stream=stream, prompt=prompt, params=params, reasoning=budget,
                    decoder=IncrementalDecoder(self.runner.tokenizer, self._token_texts), cache_key=key)
         with self._wake:
             self._waiting.append(row)
@@ -146,7 +181,7 @@ class Engine:
     def _fit_context(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream):
         """Leave out the oldest exchanges until the chat fits the model's context, and say so."""
         try:
-            fitted = fit_to_context(self.runner, conversation, params.max_new_tokens)
+            fitted = fit_to_context(self.runner, conversation, params.max_new_tokens, self.context_length)
         except ContextError as exc:
             stream.fail(str(exc))
             return None, params
@@ -180,7 +215,7 @@ class Engine:
     def _cache_key(self, conversation: Conversation, params: SamplingParams) -> str | None:
         if not params.greedy or self.reply_cache.capacity <= 0:
             return None
-        return f"{conversation.digest()}:{params.max_new_tokens}"
+        return f"{conversation.digest()}:{params.max_new_tokens}:{params.repetition_penalty}"
 
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -355,9 +390,11 @@ class Engine:
                 if isinstance(event, dict):
                     peak = event.get("peak_memory_mb")
                     continue
-                for index, token in event:
-                    if rows[index].finish_reason is None and not rows[index].stream.cancelled:
-                        self._give(rows[index], token)
+                given = [(rows[index], token) for index, token in event
+                         if rows[index].finish_reason is None and not rows[index].stream.cancelled]
+                for row, token in given:
+                    self._give(row, token)
+                self._count_tokens(sum(token is not None for _, token in given))
         except Exception as exc:  # noqa: BLE001 - the call's rows fail, the engine goes on
             log.warning("GPU call failed: %r", exc)
             for row in rows:
@@ -380,9 +417,17 @@ class Engine:
         """
         if self._generator is None or self._generator.device != logits.device:
             self._generator = torch.Generator(device=logits.device).manual_seed(self._seed)
-        sampled = sample_for(logits, [r.params for r in rows], self._generator)
+        sampled = sample_for(logits, [r.params for r in rows], self._generator, self._seen_tokens(rows, logits))
         for row, token in zip(rows, sampled.tokens, strict=True):
             self._give(row, token)
+        self._count_tokens(len(rows) - len(sampled.failed_rows))  # once per step, not per row
+
+    def _seen_tokens(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor | None:
+        """What each row has seen so far, for the repetition penalty; None when no row has one."""
+        if all(row.params.repetition_penalty == 1.0 for row in rows):
+            return None
+        return self._seen.lookup([(row, row.prompt.ids, row.generated) if row.params.repetition_penalty != 1.0
+                                  else None for row in rows], logits)
 
     def _give(self, row: _Row, token: int | None) -> None:
         """One row's token of a step (None: its logits were unusable); its faults stay its own."""
@@ -397,8 +442,14 @@ class Engine:
             self._fail(row, "The model could not answer this request. Please try again.")
 
     def _accept(self, row: _Row, token: int) -> None:
-        """Hand `token` to `row`; a stop token ends the row without counting as generated text."""
-        self._count_tokens(1)
+        """Hand `token` to `row`; a stop token ends the row without counting as generated text.
+
+        (The step's tokens are counted for the meter once per step by the caller.)
+        """
+        if row.reasoning is not None:  # before the stop check: a spent budget closes, never ends, the reasoning
+            token, notice = row.reasoning.steer(token)
+            if notice:
+                row.stream.notices.append(notice)
         if token in self.runner.stop_token_ids:
             row.finish_reason = FinishReason.STOP
             return
@@ -419,19 +470,20 @@ class Engine:
             row.largest_batch = max(row.largest_batch, len(self._rows))
 
     def _release_finished(self) -> None:
-        """Let finished and cancelled rows leave the batch; the rest keep their order.
+        """Let finished and cancelled rows leave the batch; each hole takes the last row.
 
         Rows leave the batch before their replies end: whoever waits on an ending reply (the
         admission gate hands its place to the next request) finds the batch without it.
         """
-        keep = []
+        alive = []
         for index, row in enumerate(self._rows):
             if row.finish_reason is None and row.stream.cancelled:
                 row.finish_reason = FinishReason.CANCELLED
             if row.finish_reason is None:
-                keep.append(index)
-        if len(keep) == len(self._rows):
+                alive.append(index)
+        if len(alive) == len(self._rows):
             return
+        keep = fill_holes(alive)
         leaving = [row for row in self._rows if row.finish_reason is not None]
         self._batch = self.runner.select(self._batch, keep)
         self._rows = [self._rows[i] for i in keep]
@@ -442,24 +494,32 @@ class Engine:
             self._after_idle()
 
     def _finish(self, row: _Row, reason: FinishReason, peak_mb: float | None = None) -> None:
+        self._seen.release(row)
         seconds = time.perf_counter() - row.started_at if row.started_at else 0.0
         peak = peak_mb if peak_mb is not None else peak_memory_mb()
         row.stream.finish(ReplyStats(tokens=len(row.generated), seconds=seconds, batch_size=row.largest_batch,
                                      peak_memory_mb=peak, finish_reason=reason))
         if row.cache_key and reason in (FinishReason.STOP, FinishReason.LENGTH):
-            self.reply_cache.put(row.cache_key, row.stream.text)
+            self.reply_cache.put(row.cache_key, _CachedReply(row.stream.text, row.stream.thinking,
+                                                             row.stream.prompt_tokens, len(row.generated)))
 
     def _fail(self, row: _Row, message: str) -> None:
         """End `row` with a message for its user; it leaves the batch at the next release."""
         row.finish_reason = FinishReason.ERROR
+        self._seen.release(row)
         row.stream.fail(message)
 
     def _fail_all(self, message: str) -> None:
         piecewise = [self._piecewise[0]] if self._piecewise else []
         for row in [*self._rows, *piecewise]:
             self._fail(row, message)
-        self._rows, self._batch, self._piecewise = [], None, None
+        self._rows, self._batch, self._piecewise = [], self._emptied_batch(), None
         self._after_idle()
+
+    def _emptied_batch(self):
+        """No rows left: preallocated slots are cleared and kept (their captured graphs too)."""
+        empty = getattr(self.runner, "empty", None)
+        return empty(self._batch) if empty is not None else None
 
     def _after_idle(self) -> None:
         """The batch emptied: start the next batch's peak-memory measurement afresh."""
@@ -511,7 +571,7 @@ class Engine:
         no row's cache is trusted: each row is re-prefilled from its prompt plus the tokens it
         already streamed, which continues it exactly where it was.
         """
-        rows, self._rows, self._batch = self._rows, [], None
+        rows, self._rows, self._batch = self._rows, [], self._emptied_batch()
         _free_memory()
         if len(rows) == 1:
             self._fail(rows[0], TOO_LARGE_MESSAGE)

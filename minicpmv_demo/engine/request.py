@@ -105,6 +105,7 @@ class ReplyStream:
         # The prompt ended inside an open `<think>` block: the reply starts with reasoning
         # (see reasoning.split_reasoning). Set before `submit` returns the stream.
         self.thinking = False
+        self.prompt_tokens = 0  # the encoded prompt's length (API usage); set before `submit` returns
         self.submitted_at = time.perf_counter()
         self.first_text_at: float | None = None
 

@@ -1,5 +1,11 @@
 """Choosing each row's next token with that row's own settings, for the whole batch at once.
 
+Every row's settings (temperature, top-p, top-k, repetition penalty) become [B] tensors once
+per step, so a batch of mixed settings costs a handful of tensor ops, not a Python loop over
+rows. They are applied in the order of transformers' `generate` (repetition penalty, then
+temperature, top-k, top-p), with the same rules, so a row samples from the distribution it
+would get alone from `generate`.
+
 Everything runs on the device the logits live on, with a generator of that device: sampling on
 a CUDA batch never copies probabilities to the CPU, and the only device-to-host copy per step is
 the chosen ids (with each row's validity). A row whose logits are unusable (NaN, +inf, all
@@ -27,43 +33,109 @@ class Sampled:
         return [index for index, token in enumerate(self.tokens) if token is None]
 
 
-def sample_for(logits: torch.Tensor, params: list[SamplingParams],
-               generator: torch.Generator | None = None) -> Sampled:
-    """Next token per row of `logits` [B, V] with row i's `params[i]`."""
+@dataclass(frozen=True)
+class RowSettings:
+    """The batch's sampling settings as [B] tensors on the logits' device, plus what the host
+    already knows about them (which steps may be skipped) so that skipping never syncs."""
+
+    temperatures: torch.Tensor  # 0 = greedy
+    top_ps: torch.Tensor  # 1 = off
+    top_ks: torch.Tensor  # long; 0 = off
+    penalties: torch.Tensor  # 1 = off
+    any_sampled: bool
+    any_filtered: bool  # some sampled row has top-k or top-p on: the vocabulary must be sorted
+    any_penalised: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device | str) -> RowSettings:
+        """Built with one host-to-device copy, whatever the batch size."""
+        table = torch.tensor([[p.temperature, p.top_p, p.top_k, p.repetition_penalty] for p in params],
+                             dtype=torch.float32).to(device)
+        sampled = [p for p in params if not p.greedy]
+        return cls(temperatures=table[:, 0], top_ps=table[:, 1], top_ks=table[:, 2].long(), penalties=table[:, 3],
+                   any_sampled=bool(sampled),
+                   any_filtered=any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+                   any_penalised=any(p.repetition_penalty != 1.0 for p in params))
+
+
+def sample_for(logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None,
+               seen: torch.Tensor | None = None) -> Sampled:
+    """Next token per row of `logits` [B, V] with row i's `params[i]`.
+
+    `seen` [B, V] (bool) marks the tokens row i already holds in its prompt and reply, which a
+    repetition penalty makes rarer; it may be None when no row has a penalty (see SeenTokens).
+    """
     usable = _usable_rows(logits)
-    if all(p.greedy for p in params):  # the common API case: skip building per-row tensors
+    penalised = seen is not None and any(p.repetition_penalty != 1.0 for p in params)
+    if all(p.greedy for p in params) and not penalised:  # the common API case: no per-row tensors
         tokens = logits.argmax(dim=-1)
     else:
-        temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
-        top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
-        tokens, valid = sample_next_tokens(logits, temperatures, top_ps, generator)
+        tokens, valid = sample_next_tokens(logits, RowSettings.of(params, logits.device), generator, seen)
         usable &= valid
     chosen, ok = torch.stack([tokens, usable.long()]).tolist()  # the step's one device-to-host copy
     return Sampled([token if good else None for token, good in zip(chosen, ok, strict=True)])
 
 
-def sample_next_tokens(logits: torch.Tensor, temperatures: torch.Tensor, top_ps: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of `logits` [B, V]: argmax where temperature is 0, else top-p sampling.
+def sample_next_tokens(logits: torch.Tensor, settings: RowSettings, generator: torch.Generator | None = None,
+                       seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of `logits` [B, V]: argmax where temperature is 0, else a draw.
 
     Returns the tokens and which rows' distributions were valid, both on the logits' device.
-    Vectorised so that a batch of mixed greedy and sampled requests costs one pass, not B; the
-    draw is the exponential race (argmax of p / Exp(1) noise picks token i with probability
-    p_i), which never raises or syncs on a bad row the way `torch.multinomial` does.
+    Greedy rows take the argmax of their (penalised) logits, exactly. The draw is the
+    exponential race (argmax of p / Exp(1) noise picks token i with probability p_i), which
+    never raises or syncs on a bad row the way `torch.multinomial` does.
     """
-    greedy = logits.argmax(dim=-1)
-    sampled_rows = temperatures > 0
-    safe_logits = torch.where(_usable_rows(logits)[:, None], logits, torch.zeros_like(logits))
-    probs = torch.softmax(safe_logits / temperatures.clamp(min=1e-5)[:, None], dim=-1)
+    scores = torch.where(_usable_rows(logits)[:, None], logits, torch.zeros_like(logits))
+    if seen is not None and settings.any_penalised:
+        scores = penalize_repetition(scores, seen, settings.penalties)
+    greedy = scores.argmax(dim=-1)
+    if not settings.any_sampled:
+        return greedy, torch.ones_like(greedy, dtype=torch.bool)
+    sampled_rows = settings.temperatures > 0
+    scores = warp(scores, settings)
+    probs = torch.softmax(scores, dim=-1)
     valid = torch.isfinite(probs).all(dim=-1) | ~sampled_rows
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_ps[:, None]
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    noise = torch.empty_like(sorted_probs).exponential_(generator=generator)
-    choice = (sorted_probs / noise).argmax(dim=-1, keepdim=True)
-    sampled = order.gather(-1, choice).squeeze(-1)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    sampled = (probs / noise).argmax(dim=-1)
     return torch.where(sampled_rows, sampled, greedy), valid
+
+
+def penalize_repetition(scores: torch.Tensor, seen: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor, one penalty per row: a token the row has
+    seen gets its positive score divided and its negative score multiplied by the penalty."""
+    penalty = penalties[:, None]
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def warp(scores: torch.Tensor, settings: RowSettings) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, per row; removed tokens get -inf.
+
+    Matches transformers' TemperatureLogitsWarper, TopKLogitsWarper (ties with the k-th score
+    stay) and TopPLogitsWarper (the smallest set of likeliest tokens whose mass reaches top_p;
+    the likeliest always stays). Greedy rows pass with temperature 1: their result is unused.
+    """
+    # A tiny positive temperature is floored so that dividing by it cannot overflow to inf.
+    temperatures = torch.where(settings.temperatures > 0, settings.temperatures.clamp(min=1e-5),
+                               torch.ones_like(settings.temperatures))
+    scores = scores / temperatures[:, None]
+    if not settings.any_filtered:
+        return scores
+    ordered, _ = scores.sort(dim=-1, descending=True)
+    vocab = scores.shape[-1]
+    # Top-k: everything below the k-th score goes (k = 0 is off: the k-th is the last).
+    kth = torch.where(settings.top_ks > 0, settings.top_ks.clamp(max=vocab), vocab) - 1
+    ordered = ordered.masked_fill(ordered < ordered.gather(-1, kth[:, None]), -torch.inf)
+    # Top-p on what top-k left: a token goes once the likelier ones already hold top_p.
+    probs = torch.softmax(ordered, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    outside = (mass_before >= settings.top_ps[:, None]) & (settings.top_ps < 1.0)[:, None]
+    ordered = ordered.masked_fill(outside, -torch.inf)
+    # Removals are a tail of the sorted row: the last kept score is the row's threshold, which
+    # filters the row in vocabulary order without scattering the sorted mask back.
+    kept = (~torch.isneginf(ordered)).sum(dim=-1).clamp(min=1)
+    threshold = ordered.gather(-1, (kept - 1)[:, None])
+    return scores.masked_fill(scores < threshold, -torch.inf)
 
 
 def _usable_rows(logits: torch.Tensor) -> torch.Tensor:

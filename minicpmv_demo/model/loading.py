@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..settings import TINY_MODEL, Settings
-from .legacy import LegacyRunner
+from .legacy import CHAT_SAMPLING, LegacyRunner
 from .native import NativeRunner
+from .sampling_defaults import checkpoint_sampling
 from .tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,14 @@ DEFAULT_GPU_MODEL = "openbmb/MiniCPM-V-4.6"
 NATIVE_MODEL_TYPES = ("minicpmv4_6", "minicpmv4_7")
 LEGACY_MODEL_TYPES = ("minicpmv",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# What --quant int4/int8 leaves in 16 bits, as the official int4 releases do: the vision tower,
+# the merger (resampler) that maps its output into the language model, and the output head
+# (tied to the embeddings in 4.6). The vision MLP width 4304 is no multiple of 64: bitsandbytes
+# runs it on a slow fallback on the GPU and refuses it on CPUs with AVX512-BF16, and the tower
+# is a small share of a 4.6's weights anyway. Names: MiniCPM-V 4.x `model.vision_tower`,
+# `model.merger`, `lm_head`; legacy 2.5/2.6 `vpm`, `resampler`, `llm.lm_head`. Each is a regex
+# matched from the module name's start (transformers' rule), so any parent prefix is allowed.
+UNQUANTIZED_MODULES = [rf"(?:.*\.)?{name}" for name in ("vision_tower", "merger", "vpm", "resampler", "lm_head")]
 
 
 class ModelLoadError(RuntimeError):
@@ -40,6 +49,9 @@ class LoadedModel:
     device: str
     dtype: str
     quantization: str
+    # The sampling settings the checkpoint names (SamplingParams field names): what the page
+    # starts at and what a client that sends none gets; the server's own for the rest.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def public_name(self) -> str:
@@ -51,6 +63,12 @@ class LoadedModel:
     def description(self) -> str:
         precision = self.quantization if self.quantization != "none" else self.dtype
         return f"{self.model_id} · {precision} · {self.device}"
+
+    @property
+    def thinks_by_default(self) -> bool:
+        """Whether a request that does not choose gets reasoning (where the page's Thinking
+        toggle starts). Legacy 2.5 / 2.6 checkpoints never think."""
+        return getattr(self.runner, "thinks_by_default", False)
 
 
 def resolve_model_id(settings: Settings, cuda: bool) -> str:
@@ -79,7 +97,7 @@ def load_model(settings: Settings) -> LoadedModel:
     log.info("loading %s (%s, %s, device_map=%s)", model_id, dtype, quantization, device_map)
     try:
         if model_type in NATIVE_MODEL_TYPES:
-            runner = _load_native(source, kwargs)
+            runner = _load_native(source, kwargs, thinks_by_default(settings.default_thinking, model_id))
         else:
             runner = _load_legacy(source, kwargs)
     except torch.OutOfMemoryError:
@@ -88,8 +106,12 @@ def load_model(settings: Settings) -> LoadedModel:
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"Could not load {model_id}: {_first_line(exc)}") from None
     device = str(getattr(runner.model, "device", "cpu"))
+    # Legacy models sample inside their own chat(), whose settings are the release's.
+    sampling = (dict(CHAT_SAMPLING) if model_type in LEGACY_MODEL_TYPES
+                else checkpoint_sampling(getattr(runner.model, "generation_config", None)))
     return LoadedModel(runner=runner, model_id=model_id, is_tiny=is_tiny, device=device,
-                       dtype=str(dtype).removeprefix("torch."), quantization=quantization)
+                       dtype=str(dtype).removeprefix("torch."), quantization=quantization,
+                       sampling_defaults=sampling)
 
 
 def _check_source(model_id: str) -> str:
@@ -142,12 +164,12 @@ def _choose_quantization(quant: str, config, dtype: torch.dtype, cuda: bool):
     from transformers import BitsAndBytesConfig
 
     if quant == "int8":
-        return "int8 (bitsandbytes)", BitsAndBytesConfig(load_in_8bit=True)
+        return "int8 (bitsandbytes)", BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
     compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
     # The configuration of the original MiniCPM-V int4 release: nf4 with double quantization.
     return "int4 (nf4, double quant)", BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute)
+        bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=UNQUANTIZED_MODULES)
 
 
 def _choose_device_map(device_map: str, cuda: bool) -> str:
@@ -158,12 +180,26 @@ def _choose_device_map(device_map: str, cuda: bool) -> str:
     return device_map
 
 
-def _load_native(source: str, kwargs: dict) -> NativeRunner:
+def thinks_by_default(choice: str, model_id: str) -> bool:
+    """`--default-thinking`: "on", "off", or "auto": on for a Thinking checkpoint.
+
+    MiniCPM-V 4.6 ships its Instruct and Thinking models as separate checkpoints whose chat
+    templates both take the same switch, so the template cannot tell them apart; their names
+    can: `openbmb/MiniCPM-V-4.6-Thinking`, its `-BNB` variant, and any local copy whose path
+    keeps the name (the hub cache's `models--openbmb--MiniCPM-V-4.6-Thinking/snapshots/...`).
+    A copy under another name needs `--default-thinking on`.
+    """
+    if choice != "auto":
+        return choice == "on"
+    return "thinking" in model_id.lower()
+
+
+def _load_native(source: str, kwargs: dict, thinks: bool) -> NativeRunner:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(source)
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).eval()
-    return NativeRunner(model, processor)
+    return NativeRunner(model, processor, thinks_by_default=thinks)
 
 
 def _load_legacy(source: str, kwargs: dict) -> LegacyRunner:

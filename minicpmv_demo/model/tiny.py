@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
     from transformers import MiniCPMV4_6Processor, TokenizersBackend
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
-TINY_MODEL_VERSION = "v2"
+TINY_MODEL_VERSION = "v6"
 SEED = 1234
 
 SPECIAL_TOKENS = {
@@ -41,6 +41,9 @@ MULTIMODAL_TOKENS = {
     "image_id_end_token": "</image_id>",
 }
 CHAT_TOKENS = ["<|im_start|>"]
+# Reasoning tags, as in Qwen3.5 (and so MiniCPM-V 4.6): ordinary added tokens, not special ones,
+# so decoding with `skip_special_tokens=True` keeps them in the text where the parser finds them.
+THINK_TOKENS = ["<think>", "</think>"]
 
 WORDS = """
 the a an and or but of to in on at by for with from as is are was were be been it this that these
@@ -52,7 +55,7 @@ yellow orange purple black white gray brown pink sky sun cloud clouds mountain m
 house road river water grass field flower person people car window door roof wall light dark bright
 small large big tall short wide narrow round square box boxes arrow arrows step steps flow queue
 engine stream user users model request requests answer question shows show see looks like appears
-contains has have there's about around above below next near far inside outside value values highest
+contains has have about around above below next near far inside outside value values highest
 lowest increase decrease trend data label labels title shape shapes circle triangle rectangle simple
 clear blurry busy quiet calm warm cold morning evening night day summer winter spring autumn paper
 coffee bread milk apple tea sandwich cake water juice cash card change thank you visit again date
@@ -62,18 +65,35 @@ user assistant system
 PUNCTUATION = list(".,:;!?'\"()-/%$#&*+=<>[]{}")
 DIGITS = list("0123456789")
 
-# ChatML, as MiniCPM-V 4.6 uses; an image part renders as one placeholder that the processor
-# expands into the image's slices.
+# ChatML with Qwen3.5's reasoning switch, as MiniCPM-V 4.6 uses. An image part renders as one
+# placeholder that the processor expands into the image's slices, a video part as one that it
+# expands into the video's frames. Like Qwen3.5's template:
+# - the generation prompt opens `<think>\n` (the reply starts as reasoning) unless
+#   `enable_thinking` is false, which renders an empty, closed block `<think>\n\n</think>\n\n`;
+# - an earlier assistant turn is rendered without its reasoning (what precedes its last
+#   `</think>`): reasoning is never sent back to the model.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|image_pad|>\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{%- macro render(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- else %}{%- for part in content %}"
+    "{%- if part['type'] == 'image' %}{{- '<|image_pad|>\\n' }}"
+    "{%- elif part['type'] == 'video' %}{{- '<|video_pad|>\\n' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- endmacro %}"
+    "{%- for message in messages %}"
+    "{%- set content = render(message['content']) %}"
+    "{%- if message['role'] == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- else %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 
 
@@ -127,12 +147,19 @@ def multimodal_token_ids(tokenizer: TokenizersBackend) -> dict[str, int]:
             "video_token_id": tokenizer.convert_tokens_to_ids(MULTIMODAL_TOKENS["video_token"])}
 
 
+# MiniCPM-V 4.6's generation_config.json sampling settings, so the defaults path runs in tests.
+GENERATION_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
+
+
 def save_checkpoint(model, processor: MiniCPMV4_6Processor, folder: Path) -> None:
     """Save a random-weight model and its processor as an ordinary checkpoint folder; the
-    generation config stops on the tokenizer's EOS, as the engine and `generate` expect."""
+    generation config stops on the tokenizer's EOS, as the engine and `generate` expect, and
+    samples as MiniCPM-V 4.6's does."""
     tokenizer = processor.tokenizer
     model.generation_config.eos_token_id = [tokenizer.eos_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    for name, value in GENERATION_SAMPLING.items():
+        setattr(model.generation_config, name, value)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
@@ -144,10 +171,10 @@ def build_word_tokenizer(vocab_size: int = 0) -> TokenizersBackend:
     to a full model's size, so every id such a model emits decodes to one word, and that word
     encodes back to one token (benchmarks count tokens that way).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import TokenizersBackend
 
-    specials = list(SPECIAL_TOKENS.values()) + list(MULTIMODAL_TOKENS.values()) + CHAT_TOKENS
+    specials = list(SPECIAL_TOKENS.values()) + list(MULTIMODAL_TOKENS.values()) + CHAT_TOKENS + THINK_TOKENS
     ordinary = list(dict.fromkeys(WORDS + PUNCTUATION + DIGITS))
     ordinary += _filler_words(vocab_size - len(specials) - len(ordinary), taken=set(ordinary))
     vocab = {token: index for index, token in enumerate(specials + ordinary)}
@@ -156,13 +183,17 @@ def build_word_tokenizer(vocab_size: int = 0) -> TokenizersBackend:
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return TokenizersBackend(
+    tokenizer = TokenizersBackend(
         tokenizer_object=backend,
         **SPECIAL_TOKENS,
         extra_special_tokens={**MULTIMODAL_TOKENS, "im_start_token": "<|im_start|>"},
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
     )
+    # Matched whole in any text (the pre-tokenizer would split "<think>" into "<", "think", ">"),
+    # with the ids they already have in the vocabulary.
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in THINK_TOKENS])
+    return tokenizer
 
 
 def _filler_words(count: int, taken: set[str]) -> list[str]:
@@ -217,8 +248,8 @@ def _build_config(tokenizer):
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    # Linear layers read at least 64 values: bitsandbytes' CPU int4 kernels need whole
-    # 64-value quantization blocks.
+    # --quant leaves the vision tower unquantized (loading.UNQUANTIZED_MODULES), so its widths
+    # need not suit bitsandbytes' kernels; the tests also load one whose MLP is 100 wide.
     vision_config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "patch_size": 14, "image_size": 112}
     return MiniCPMV4_6Config(
