@@ -34,7 +34,7 @@ from .ui_style import PAGE_CSS, PAGE_TITLE
 
 CHAT_GROUP = "model"  # the one concurrency group of every event that reaches the engine
 VIDEO_TYPES = [".mp4", ".webm", ".mov"]
-DEFAULT_SLICES, DEFAULT_FRAMES = 9, 16  # MiniCPM-V 4.6's own defaults
+DEFAULT_SLICES = 9  # MiniCPM-V 4.6's own default
 
 TINY_BANNER = "**Demo model: answers are random words.** Try the page, not the answers."
 OPERATOR_HELP = (
@@ -53,7 +53,7 @@ EXAMPLES = [
 def input_placeholder(settings: Settings) -> str:
     """The box's own instruction, with the limits stated before anyone hits them."""
     return (f"Ask a question; attach up to {settings.max_images} images ({settings.max_file_mb:g} MB each) "
-            f"or a video")
+            f"or a video ({settings.max_video_mb:g} MB)")
 
 
 ANSWERING_PLACEHOLDER = "Answering… press ■ to stop. You can type your next question; send it when the answer ends."
@@ -62,7 +62,8 @@ ANSWERING_PLACEHOLDER = "Answering… press ■ to stop. You can type your next 
 def chat_howto(settings: Settings) -> str:
     """What the empty chat says: how to start, and what the page can do."""
     return (f"### Chat about pictures\n"
-            f"Attach up to **{settings.max_images} images or a video** ({settings.max_file_mb:g} MB each), "
+            f"Attach up to **{settings.max_images} images** ({settings.max_file_mb:g} MB each) **or a video** "
+            f"({settings.max_video_mb:g} MB, {settings.max_video_seconds / 60:g} min), "
             f"ask a question, press **Enter**. Stop an answer with **■**; edit a question, retry or rate "
             f"an answer with the icons under it. Or start with an example:")
 
@@ -112,7 +113,8 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
             with gr.Tab("Chat"):
                 with gr.Row():
                     with gr.Column(scale=4):
-                        chatbot, chat_input, summary, controls = _chat_column(settings, service.defaults)
+                        chatbot, chat_input, summary, controls = _chat_column(settings, service.defaults,
+                                                                              loaded.thinks_by_default)
                     with gr.Column(scale=1, min_width=220):
                         server_panel = gr.HTML(_panel_html(gpu, engine), elem_id="server-panel")
             with gr.Tab("Server"):
@@ -302,8 +304,12 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
     return demo
 
 
-def _chat_column(settings: Settings, defaults: SamplingParams) -> tuple:
-    """The chat (with its how-to and examples while empty), the input, the settings."""
+def _chat_column(settings: Settings, defaults: SamplingParams, thinks_by_default: bool) -> tuple:
+    """The chat (with its how-to and examples while empty), the input, the settings.
+
+    Every control starts at what a client that sends nothing gets: the checkpoint's sampling
+    defaults and its thinking (on for a Thinking checkpoint), the server's video frames.
+    """
     chatbot = gr.Chatbot(
         label="Chat", show_label=False, elem_id="chatbot", height="50vh", min_height=280, buttons=["copy"],
         editable="user", group_consecutive_messages=False, placeholder=chat_howto(settings),
@@ -316,7 +322,8 @@ def _chat_column(settings: Settings, defaults: SamplingParams) -> tuple:
         submit_btn=True, stop_btn=False)
     values = {"max_new_tokens": defaults.max_new_tokens, "temperature": defaults.temperature,
               "top_p": defaults.top_p, "top_k": defaults.top_k, "repetition_penalty": defaults.repetition_penalty,
-              "thinking": False, "fine_detail": False, "max_slices": DEFAULT_SLICES, "max_frames": DEFAULT_FRAMES}
+              "thinking": thinks_by_default, "fine_detail": False, "max_slices": DEFAULT_SLICES,
+              "max_frames": min(settings.video_frames, settings.max_video_frames)}
     summary = gr.Markdown(_settings_summary(*values.values()), elem_id="settings-summary")
     with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
         with gr.Row():
@@ -333,7 +340,8 @@ def _chat_column(settings: Settings, defaults: SamplingParams) -> tuple:
                                        label="Repetition penalty (1 = off)")
         max_slices = gr.Slider(1, 36, value=values["max_slices"], step=1, label="Max slices per picture",
                                info="36 for detailed pictures")
-        max_frames = gr.Slider(1, 64, value=values["max_frames"], step=1, label="Max frames per video")
+        max_frames = gr.Slider(1, settings.max_video_frames, value=values["max_frames"], step=1,
+                               label="Max frames per video")
         system_prompt = gr.Textbox(label="System prompt", lines=2,
                                    placeholder="Optional: how the assistant should behave")
     controls = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
