@@ -317,6 +317,21 @@ def test_feedback_is_written_to_the_log(browser, served):
     page.close()
 
 
+def test_a_video_is_answered_and_shown(browser, url, tmp_path):
+    from clips import make_clip
+
+    clip = make_clip(tmp_path / "clip.mp4", seconds=2)
+    page = open_page(browser, url)
+    page.locator("#generation-settings").get_by_text("Generation settings").click()
+    assert page.locator("#generation-settings").get_by_label("Max frames per video").first.is_visible()
+    page.locator("#generation-settings").get_by_text("Generation settings").click()
+    ask(page, "What happens in this clip?", Path(clip), max_tokens=8)
+    wait_answered(page, 1)
+    assert page.locator("#chatbot video").count() == 1, "the video is in the chat"
+    assert_no_error_state(page)
+    page.close()
+
+
 def test_narrow_mobile_viewport(browser, url):
     page = open_page(browser, url, PHONE)
     ask(page, "What is on the receipt?", "receipt.png", max_tokens=20)
