@@ -138,8 +138,22 @@ def scene() -> Image.Image:
     return image
 
 
+def favicon() -> Image.Image:
+    """The page's tab icon: a picture frame with a speech bubble, readable at 16 px."""
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rounded_rectangle((2, 6, 50, 46), radius=8, fill=(79, 70, 229))
+    draw.polygon(((8, 40), (20, 24), (30, 36), (38, 28), (46, 40)), fill="white")
+    draw.ellipse((32, 12, 42, 22), fill=(253, 224, 71))
+    draw.rounded_rectangle((30, 34, 62, 58), radius=7, fill=(236, 72, 153))
+    for x in (38, 46, 54):
+        draw.ellipse((x - 2, 44, x + 2, 48), fill="white")
+    return image
+
+
 def main() -> None:
-    for name, draw in (("chart", chart), ("receipt", receipt), ("diagram", diagram), ("scene", scene)):
+    for name, draw in (("chart", chart), ("receipt", receipt), ("diagram", diagram), ("scene", scene),
+                       ("favicon", favicon)):
         draw().save(HERE / f"{name}.png", optimize=True)
 
 

@@ -27,6 +27,7 @@ from .remote import BackendProbe, RemoteEngine
 from .remote.memory import BackendMemory
 from .settings import Settings
 from .ui import build_ui
+from .ui_style import FAVICON, PAGE_CSS
 from .zerogpu import zerogpu_batch_call
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class App:
             # Static-file worker processes (GRADIO_NUM_WORKERS, behind SSR's proxy) would take
             # uploads around the guard.
             "num_workers": 0,
+            "css": PAGE_CSS,
+            "favicon_path": str(FAVICON),
         }
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)

@@ -110,6 +110,9 @@ class Settings:
                                          f"never more than {MAX_STREAM_INTERVAL} s because of it (0 = no limit)"})
 
     panel_interval: float = field(default=2.0, metadata={"help": "seconds between server panel refreshes"})
+    feedback_log: str = field(
+        default="", metadata={"help": "JSON-lines file the page's like/dislike clicks are appended to "
+                                      "(default: feedback.jsonl in ~/.cache/minicpmv-demo)"})
 
     host: str = field(default="", metadata={"help": "address to listen on (0.0.0.0 for all); empty = "
                                                     "GRADIO_SERVER_NAME or 127.0.0.1"})

@@ -123,3 +123,20 @@ def test_queue_full_gives_busy_and_nothing_breaks(tiny_settings, loaded_tiny):
     finally:
         client.close()
         app.close()
+
+
+def test_chat_takes_the_prompt_and_sampling_settings_as_keywords(served):
+    """/chat's keyword arguments follow vLLM's names; a bad choice is refused with its reason."""
+    app, client = served
+    reply = client.predict(message={"text": "Describe it.", "files": [handle_file(str(ASSETS / "chart.png"))]},
+                           history=[], max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=5,
+                           repetition_penalty=1.3, enable_thinking=False, downsample_mode="4x",
+                           max_slice_nums=4, max_num_frames=8, api_name="/chat")
+    assert reply.strip()
+    with pytest.raises(Exception, match="downsample_mode"):
+        client.predict(message={"text": "hi", "files": []}, history=[], max_new_tokens=4, temperature=0, top_p=1,
+                       downsample_mode="8x", api_name="/chat")
+    with pytest.raises(Exception, match="thinking setting must be true or false"):
+        client.predict(message={"text": "hi", "files": []}, history=[], max_new_tokens=4, temperature=0, top_p=1,
+                       enable_thinking="maybe", api_name="/chat")
+    assert chat(client, "Still fine?"), "the refusals left the server working"

@@ -25,7 +25,10 @@ def open_app(tiny_settings, loaded_tiny):
 
 
 def call_raw(url: str, data: list) -> str:
-    """POST to Gradio's REST route for /chat and read the event stream back, as curl would."""
+    """POST to Gradio's REST route for /chat and read the event stream back, as curl would.
+
+    REST callers send every input: the settings after top-p (top-k ... max frames) as null."""
+    data = data + [None] * (11 - len(data))
     event = httpx.post(f"{url}gradio_api/call/chat", json={"data": data}, timeout=30).json()["event_id"]
     return httpx.get(f"{url}gradio_api/call/chat/{event}", timeout=60).text
 

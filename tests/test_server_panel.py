@@ -38,12 +38,13 @@ def served(request, tmp_path, tiny_settings, loaded_tiny, monkeypatch):
 def test_reply_line_panel_and_endpoint_show_the_gpus(served):
     kind, app, client = served
     message = {"text": "What is it?", "files": [handle_file(str(ASSETS / "chart.png"))]}
-    chat, _ = client.predict(message, [], 12, 0, 1, "", api_name="/respond")  # the page's own handler
+    # The page's own handler, with every setting the page sends (max new tokens ... max frames).
+    chat, _ = client.predict(message, [], 12, 0, 1, "", 0, 1.0, False, False, 9, 16, api_name="/respond")
     reply, line = chat[-2], chat[-1]
-    assert reply["role"] == "assistant" and reply["content"]
-    title = line["metadata"]["title"]
+    assert reply["role"] == "assistant" and reply["content"] and not reply.get("metadata")
+    assert line["metadata"], "the stats caption is display only: never sent back to the model"
+    title = "".join(part.get("text") or "" for part in line["content"])  # the caption's text
     assert "batch 1" in title and "tok/s" in title
-    assert all(not part.get("text") for part in line["content"]), "display only: no text for the model"
     snapshot = client.predict(api_name="/gpu_memory")
     assert snapshot["engine"]["queue_depth"] == 0 and snapshot["engine"]["alive"] is True
     assert snapshot["process"]["rss_mb"] > 0
@@ -54,7 +55,7 @@ def test_reply_line_panel_and_endpoint_show_the_gpus(served):
         assert snapshot["gpus"][0]["memory_used_mb"] == 10240 and snapshot["gpus"][1]["temperature_c"] == 40
         assert "10,240 / 23,028 MB" in html and "37% busy" in html and "61 °C" in html
     else:
-        assert title.startswith("No GPU: running on CPU")
+        assert "No GPU: running on CPU" in title
         assert snapshot["gpus"] == [] and snapshot["error"] is None
         assert "No GPU: running on CPU" in html
     assert "engine running" in html
