@@ -48,7 +48,7 @@ class ChatService:
             max_history_chars=settings.max_history_chars,
             video_limits=VideoLimits(max_file_bytes=int(settings.max_video_mb * 1024 * 1024),
                                      max_seconds=settings.max_video_seconds)
-            if getattr(engine.runner, "reads_video", False) else None,
+            if engine.reads_video else None,
             max_videos=settings.max_videos,
             video_frames=settings.video_frames,
         )
@@ -135,13 +135,21 @@ class ChatService:
             return base
         return max(base, min(self.engine.active_rows / budget, MAX_STREAM_INTERVAL))
 
+    def memory_snapshot(self) -> dict:
+        """What /gpu_memory returns: GPUs, torch counters, process memory, engine queue and batch."""
+        snapshot = self.gpu.snapshot()
+        state = self.engine.state()
+        snapshot["engine"] = {key: state[key] for key in ("queue_depth", "batch_size", "batch_ceiling",
+                                                           "tokens_per_s", "alive")}
+        return snapshot
+
     def stats_line(self, stats: ReplyStats) -> str:
         """The small line under a reply: where it ran, memory, batch, speed."""
         if stats.from_cache:
             return "answered from the reply cache (same image and question as a recent greedy reply)"
         reading = self.gpu.read()
         parts = [describe_gpus(reading)]
-        if not reading.gpus:
+        if not reading.gpus and reading.note is None:
             parts.append(f"process memory {process_rss_mb():,.0f} MB")
         if stats.peak_memory_mb is not None:
             shared = " (peak during this batch)" if stats.batch_size > 1 else ""

@@ -47,6 +47,7 @@ class GpuReading:
 
     gpus: tuple[GpuInfo, ...]
     error: str | None
+    note: str | None = None  # the model runs on a backend: what it says about its memory
 
 
 class _Query:
@@ -86,7 +87,7 @@ class GpuMemory:
         """Everything about memory as strict JSON (no NaN), for the /gpu_memory endpoint."""
         reading = self.read()
         return {
-            "gpus": [_without_nan(asdict(gpu)) for gpu in reading.gpus],
+            "gpus": [without_nan(asdict(gpu)) for gpu in reading.gpus],
             "error": reading.error,
             "torch": torch_memory(),
             "process": {"rss_mb": process_rss_mb()},
@@ -150,7 +151,7 @@ def _info(gpu) -> GpuInfo:
     )
 
 
-def _without_nan(values: dict) -> dict:
+def without_nan(values: dict) -> dict:
     """NaN is not JSON (browsers' JSON.parse rejects it): send null instead."""
     return {key: None if isinstance(value, float) and math.isnan(value) else value
             for key, value in values.items()}
@@ -197,6 +198,10 @@ def process_rss_mb() -> float:
 
 def describe_gpus(reading: GpuReading) -> str:
     """One short line for people: each GPU's name and memory, or why there is none."""
+    if reading.note is not None:  # the model runs elsewhere: the backend's memory is what counts
+        local = " · ".join(f"{gpu.name} {gpu.memory_used_mb:,.0f} / {gpu.memory_total_mb:,.0f} MB"
+                           for gpu in reading.gpus)
+        return f"{reading.note} · here: {local}" if local else reading.note
     if reading.gpus:
         line = " · ".join(f"{gpu.name} {gpu.memory_used_mb:,.0f} / {gpu.memory_total_mb:,.0f} MB"
                           for gpu in reading.gpus)

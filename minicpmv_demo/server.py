@@ -9,6 +9,7 @@ import gc
 import logging
 from dataclasses import dataclass
 
+import anyio
 import gradio as gr
 import torch
 from fastapi.responses import JSONResponse
@@ -22,6 +23,8 @@ from .model import LoadedModel, load_model
 from .monitor import ServerMonitor
 from .openai_api import add_openai_routes
 from .process_memory import return_large_blocks_on_free
+from .remote import BackendProbe, RemoteEngine
+from .remote.memory import BackendMemory
 from .settings import Settings
 from .ui import build_ui
 from .ui_style import FAVICON, PAGE_CSS
@@ -37,7 +40,7 @@ SHARE_WARNING = ("WARNING: --share makes this demo public (anyone with the link 
 class App:
     settings: Settings
     loaded: LoadedModel
-    engine: Engine
+    engine: Engine | RemoteEngine
     demo: gr.Blocks
     monitor: ServerMonitor
     service: ChatService
@@ -77,6 +80,9 @@ class App:
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
+        # Plain JSON twin of the page's gpu_memory API: what a front end reads when this app is
+        # its backend. Under /v1/, so --auth's API key guards it like the chat route.
+        launched[0].add_api_route("/v1/gpu_memory", self.gpu_memory, methods=["GET"])
         add_openai_routes(launched[0], self.service, self.loaded.public_name)
         # Everything built so far (model, tokenizer, Gradio's app: millions of objects) lives as
         # long as the server. Frozen, the collector stops rescanning it: a full collection
@@ -94,12 +100,18 @@ class App:
         every worker thread is busy.
         """
         state = self.engine.state()
-        body = {"status": "ok" if state["alive"] else "engine down"}
+        down = "backend down" if "backend" in state else "engine down"
+        body = {"status": "ok" if state["alive"] else down}
         if self.settings.auth_pair is None:
             body |= {"model": self.loaded.public_name, "model_loaded": True, "engine_alive": state["alive"],
                      "queue_depth": state["queue_depth"], "batch_size": state["batch_size"],
                      "engine_restarts": state["restarts"]}
+            if "backend" in state:
+                body["backend"] = state["backend"]
         return JSONResponse(body, status_code=200 if state["alive"] else 503)
+
+    async def gpu_memory(self) -> JSONResponse:
+        return JSONResponse(await anyio.to_thread.run_sync(self.service.memory_snapshot))
 
     def close(self) -> None:
         self.demo.close()
@@ -125,8 +137,13 @@ def cache_budget_bytes(utilization: float) -> int | None:
 
 
 def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
-    """Load the model (unless given), start the engine, build the page with its queue."""
+    """Load the model (unless given), start the engine, build the page with its queue.
+
+    With `--backend` nothing is loaded: a `RemoteEngine` takes the engine's place.
+    """
     return_large_blocks_on_free()  # before any upload is decoded
+    if settings.backend:
+        return _assemble(settings, *_remote_engine(settings))
     loaded = loaded or load_model(settings)
     threads = settings.torch_threads or (1 if loaded.is_tiny else 0)
     if threads:
@@ -139,7 +156,22 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
                     memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call,
                     max_thinking_tokens=settings.max_thinking_tokens, max_model_len=settings.max_model_len,
                     enforce_eager=settings.enforce_eager).start()
-    gpu = GpuMemory()
+    return _assemble(settings, loaded, engine, GpuMemory())
+
+
+def _remote_engine(settings: Settings) -> tuple[LoadedModel, RemoteEngine, BackendMemory]:
+    """The backend's stand-in for the engine. The app starts even when the backend is down: the
+    page and /health say so, and chats work once it answers."""
+    probe = BackendProbe(settings.backend, settings.backend_api_key, settings.backend_model,
+                         interval_s=settings.panel_interval, timeout_s=min(5.0, settings.backend_timeout)).start()
+    engine = RemoteEngine(probe, api_key=settings.backend_api_key, timeout_s=settings.backend_timeout,
+                          max_batch=settings.concurrency).start()
+    model_name = probe.status.model or settings.backend_model or "remote model"
+    return LoadedModel.remote(model_name, settings.default_thinking), engine, BackendMemory(GpuMemory(), probe)
+
+
+def _assemble(settings: Settings, loaded: LoadedModel, engine, gpu) -> App:
+    """The service, the monitor and the page around a started engine."""
     monitor = ServerMonitor(engine, gpu, interval_s=settings.panel_interval).start()
     service = ChatService(engine, settings, gpu, loaded.sampling_defaults)
     demo = build_ui(service, loaded, monitor)

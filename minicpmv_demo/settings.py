@@ -38,6 +38,16 @@ class Settings:
                                          "code downloaded with the model"})
     tiny_model_dir: str = field(
         default="", metadata={"help": "where the tiny model is built (default: ~/.cache/minicpmv-demo)"})
+    backend: str = field(
+        default="", metadata={"help": "base URL of an OpenAI-compatible server (vLLM, SGLang, another "
+                                      "instance of this app) to send chats to instead of loading a model, "
+                                      "e.g. http://gpu-box:8000/v1"})
+    backend_api_key: str = field(default="", metadata={"help": "API key the backend wants (Bearer token)"})
+    backend_model: str = field(
+        default="", metadata={"help": "model name to ask the backend for; empty = the first it lists"})
+    backend_timeout: float = field(
+        default=60.0, metadata={"help": "seconds the backend may take to connect, to start a reply, or "
+                                        "between two pieces of it, before the user is told it failed"})
 
     max_batch: int = field(default=8, metadata={"help": "most requests decoded together in one batch"})
     concurrency: int = field(
@@ -220,6 +230,10 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--max-file-mb must be positive")
     if settings.max_body_mb <= 0:
         problems.append("--max-body-mb must be positive")
+    if settings.backend and not settings.backend.startswith(("http://", "https://")):
+        problems.append("--backend must be an http:// or https:// URL")
+    if settings.backend_timeout <= 0:
+        problems.append("--backend-timeout must be positive")
     if settings.max_video_mb <= 0 or settings.max_video_seconds <= 0:
         problems.append("--max-video-mb and --max-video-seconds must be positive")
     from .conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries

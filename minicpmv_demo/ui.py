@@ -136,7 +136,7 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
 
         def gpu_memory() -> dict:
             """GPU and process memory and the engine's queue and batch, as JSON."""
-            return _gpu_memory(gpu, engine)
+            return service.memory_snapshot()
 
         gr.api(gpu_memory, api_name="gpu_memory", queue=False)
 
@@ -386,9 +386,11 @@ def _panel_html(gpu: GpuMemory, engine: Engine) -> str:
     if reading.error:
         stale = " (numbers above are the last good reading)" if reading.gpus else ""
         parts.append(f"<div>GPU memory unavailable: {html.escape(reading.error)}{stale}</div>")
-    elif not reading.gpus:
+    if reading.note is not None:  # the model runs on a backend: what it reports
+        parts.append(f"<div>{html.escape(reading.note)}</div>")
+    elif not reading.gpus and not reading.error:
         parts.append("<div>No GPU: running on CPU</div>")
-    if not reading.gpus:
+    if not reading.gpus and reading.note is None:
         parts.append(f"<div>process memory {process_rss_mb():,.0f} MB</div>")
     state = engine.state()
     health = "running" if state["alive"] else "<b>stopped</b>"
@@ -409,10 +411,3 @@ def _plots(monitor: ServerMonitor):
     return memory, speed, batch, queue
 
 
-def _gpu_memory(gpu: GpuMemory, engine: Engine) -> dict:
-    """What /gpu_memory returns: GPUs, torch counters, process memory, engine queue and batch."""
-    snapshot = gpu.snapshot()
-    state = engine.state()
-    snapshot["engine"] = {key: state[key] for key in ("queue_depth", "batch_size", "batch_ceiling",
-                                                       "tokens_per_s", "alive")}
-    return snapshot

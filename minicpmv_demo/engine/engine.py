@@ -192,6 +192,11 @@ class Engine:
         return fitted.prompt, replace(params, max_new_tokens=fitted.max_new_tokens)
 
     @property
+    def reads_video(self) -> bool:
+        """Whether the model takes videos (the legacy 2.5 / 2.6 ones do not)."""
+        return self.runner.reads_video
+
+    @property
     def active_rows(self) -> int:
         """Requests generating right now (a cheap read, safe from any thread)."""
         return len(self._rows)

@@ -43,7 +43,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    runner: NativeRunner | LegacyRunner
+    runner: NativeRunner | LegacyRunner | None  # None: the model runs on a backend (`--backend`)
     model_id: str
     is_tiny: bool
     device: str
@@ -52,6 +52,7 @@ class LoadedModel:
     # The sampling settings the checkpoint names (SamplingParams field names): what the page
     # starts at and what a client that sends none gets; the server's own for the rest.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    remote_thinks: bool = False  # a backend's model: whether it reasons unless told not to
 
     @property
     def public_name(self) -> str:
@@ -61,6 +62,8 @@ class LoadedModel:
 
     @property
     def description(self) -> str:
+        if self.runner is None:
+            return f"{self.model_id} · on a remote model server"
         precision = self.quantization if self.quantization != "none" else self.dtype
         return f"{self.model_id} · {precision} · {self.device}"
 
@@ -68,7 +71,16 @@ class LoadedModel:
     def thinks_by_default(self) -> bool:
         """Whether a request that does not choose gets reasoning (where the page's Thinking
         toggle starts). Legacy 2.5 / 2.6 checkpoints never think."""
+        if self.runner is None:
+            return self.remote_thinks
         return getattr(self.runner, "thinks_by_default", False)
+
+    @classmethod
+    def remote(cls, model_name: str, default_thinking: str = "auto") -> LoadedModel:
+        """What the page says about a model a backend serves (`model_name` as the backend lists it)."""
+        return cls(runner=None, model_id=model_name, is_tiny=model_name == TINY_MODEL, device="remote",
+                   dtype="", quantization="none",
+                   remote_thinks=thinks_by_default(default_thinking, model_name))
 
 
 def resolve_model_id(settings: Settings, cuda: bool) -> str:

@@ -1,0 +1,215 @@
+"""The engine's place taken by a remote OpenAI-compatible server (`--backend URL`).
+
+Front ends cannot tell the difference: `submit` returns the same `ReplyStream`, which fills as
+the backend streams; `cancel` on it (Stop, a closed tab, an API client hanging up) closes the
+upstream stream, which is how vLLM, SGLang and this app free the row. Requests are I/O here, not
+model work, so they run as tasks of one asyncio loop on a daemon thread, each independent: a
+slow or failing reply never holds up another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+
+import httpx
+import openai
+
+from ..conversation import Conversation
+from ..engine import FinishReason, ReplyStats, ReplyStream, SamplingParams
+from ..reasoning import THINK_CLOSE, THINK_OPEN
+from .probe import BackendProbe
+from .wire import request_body
+
+log = logging.getLogger(__name__)
+
+# How often a running reply looks at its stream's cancel flag (set from another thread).
+CANCEL_CHECK_S = 0.2
+# Tokens/s of the panel are counted over this window, like the local engine's.
+METER_WINDOW_S = 5.0
+
+FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
+
+
+class RemoteEngine:
+    """Sends each request to the backend; keeps the local bookkeeping the page shows."""
+
+    def __init__(self, probe: BackendProbe, *, api_key: str = "", timeout_s: float = 60.0,
+                 max_batch: int = 64) -> None:
+        self.probe = probe
+        self.max_batch = max_batch  # the page says "up to N users at once": the backend decides
+        self.reads_video = True  # sent on as clips; a backend that cannot read them says so
+        self.restarts = 0
+        self._timeout_s = timeout_s
+        self._api_key = api_key or "none"  # the client insists on one; servers without keys ignore it
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._client: openai.AsyncOpenAI | None = None
+        self._active = 0
+        self._lock = threading.Lock()
+        self._recent_tokens: deque[tuple[float, int]] = deque()
+
+    # -- life ----------------------------------------------------------------------------------
+    def start(self) -> RemoteEngine:
+        self._thread = threading.Thread(target=self._loop.run_forever, name="backend-client", daemon=True)
+        self._thread.start()
+        self._client = asyncio.run_coroutine_threadsafe(self._make_client(), self._loop).result()
+        return self
+
+    async def _make_client(self) -> openai.AsyncOpenAI:
+        timeout = httpx.Timeout(self._timeout_s)
+        return openai.AsyncOpenAI(base_url=self.probe.base_url, api_key=self._api_key, timeout=timeout,
+                                  max_retries=0)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._client is not None:
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result(timeout)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.probe.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self.probe.status.reachable
+
+    # -- the handlers' side --------------------------------------------------------------------
+    def submit(self, conversation: Conversation, params: SamplingParams) -> ReplyStream:
+        """Start streaming a reply from the backend; returns at once with the stream."""
+        stream = ReplyStream()
+        with self._lock:
+            self._active += 1
+        asyncio.run_coroutine_threadsafe(self._reply(conversation, params, stream), self._loop)
+        return stream
+
+    @property
+    def active_rows(self) -> int:
+        return self._active
+
+    def state(self) -> dict:
+        """The same keys as the local engine's, from the backend's last answer where it gave one."""
+        status = self.probe.status
+        now = time.monotonic()
+        with self._lock:
+            while self._recent_tokens and now - self._recent_tokens[0][0] > METER_WINDOW_S:
+                self._recent_tokens.popleft()
+            tokens = sum(n for _, n in self._recent_tokens)
+        return {
+            "alive": status.reachable,
+            "queue_depth": status.queue_depth if status.queue_depth is not None else 0,
+            "batch_size": status.batch_size if status.batch_size is not None else self._active,
+            "batch_ceiling": status.batch_ceiling or self.max_batch,
+            "max_batch": status.batch_ceiling or self.max_batch,
+            "tokens_per_s": tokens / METER_WINDOW_S,
+            "cache_hits": 0,
+            "restarts": self.restarts,
+            "backend": {"url": self.probe.base_url, "reachable": status.reachable, "error": status.error,
+                        "kind": status.kind, "model": status.model},
+        }
+
+    # -- the loop's side -----------------------------------------------------------------------
+    async def _reply(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream) -> None:
+        reader = asyncio.ensure_future(self._stream_reply(conversation, params, stream))
+        try:
+            while not reader.done():
+                await asyncio.wait({reader}, timeout=CANCEL_CHECK_S)
+                if stream.cancelled and not reader.done():
+                    reader.cancel()  # closes the HTTP response: the backend frees the row
+            if reader.cancelled():
+                stream.finish(ReplyStats(tokens=0, seconds=time.perf_counter() - stream.submitted_at,
+                                         batch_size=1, peak_memory_mb=None, finish_reason=FinishReason.CANCELLED))
+            else:
+                reader.result()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this one reply's message
+            if not stream.done:
+                stream.fail(failure_message(exc))
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    async def _stream_reply(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream) -> None:
+        model = self.probe.status.model or self.probe.poll().model
+        if not model:
+            raise BackendDown(self.probe.status.error or "no model")
+        body = request_body(conversation, params, model)
+        extra = {key: body.pop(key) for key in list(body) if key not in STANDARD_FIELDS}
+        started = time.perf_counter()
+        counted, usage_tokens, finish, thinking = 0, None, FinishReason.STOP, False
+        response = await self._client.chat.completions.create(**body, extra_body=extra or None)
+        async with response:
+            async for chunk in response:
+                if chunk.usage is not None:
+                    usage_tokens = chunk.usage.completion_tokens
+                    stream.prompt_tokens = chunk.usage.prompt_tokens
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                delta = choice.delta
+                reasoning = _reasoning(delta)
+                if reasoning:
+                    if not thinking:
+                        stream.append(THINK_OPEN)
+                        thinking = True
+                    stream.append(reasoning)
+                if delta.content:
+                    if thinking:
+                        stream.append(THINK_CLOSE)
+                        thinking = False
+                    stream.append(delta.content)
+                if reasoning or delta.content:
+                    self._count(1)  # servers stream about one token per chunk
+                    counted += 1
+                if choice.finish_reason:
+                    finish = FINISH_REASONS.get(choice.finish_reason, FinishReason.STOP)
+        stream.finish(ReplyStats(tokens=counted if usage_tokens is None else usage_tokens, seconds=time.perf_counter() - started,
+                                 batch_size=max(1, self.probe.status.batch_size or 1),
+                                 peak_memory_mb=None, finish_reason=finish))
+
+    def _count(self, tokens: int) -> None:
+        with self._lock:
+            self._recent_tokens.append((time.monotonic(), tokens))
+
+
+# What the `openai` client takes as keyword arguments; everything else goes in `extra_body`.
+STANDARD_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p"})
+
+
+class BackendDown(RuntimeError):
+    """The backend could not be asked at all."""
+
+
+def _reasoning(delta) -> str:
+    """vLLM's `reasoning_content` (newer servers also say `reasoning`) from a stream delta."""
+    extra = delta.model_extra or {}
+    return extra.get("reasoning_content") or extra.get("reasoning") or ""
+
+
+def failure_message(exc: BaseException) -> str:
+    """What the user reads when the backend failed this reply."""
+    if isinstance(exc, BackendDown):
+        return f"The model server is not reachable ({exc}). Please try again in a moment."
+    if isinstance(exc, openai.RateLimitError) or (isinstance(exc, openai.APIStatusError) and exc.status_code == 503):
+        return "The model server is busy right now. Please try again in a moment."
+    if isinstance(exc, openai.APITimeoutError):
+        return "The model server took too long to answer. Please try again."
+    if isinstance(exc, openai.APIConnectionError):
+        return "The connection to the model server was lost. Please try again in a moment."
+    if isinstance(exc, openai.APIStatusError):
+        detail = _error_detail(exc)
+        if 400 <= exc.status_code < 500:
+            return f"The model server refused this request: {detail}"
+        return f"The model server failed ({exc.status_code}): {detail}. Please try again."
+    if isinstance(exc, (httpx.HTTPError, openai.APIError)):
+        return "The connection to the model server was lost. Please try again in a moment."
+    log.exception("backend reply failed", exc_info=exc)
+    return "Something went wrong while talking to the model server. Please try again."
+
+
+def _error_detail(exc: openai.APIStatusError) -> str:
+    """The server's own words: OpenAI-style bodies nest them in `error.message`."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error") if isinstance(body.get("error"), dict) else body
+    return str(error.get("message") or exc.message)[:300]
