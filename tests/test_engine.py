@@ -311,6 +311,7 @@ def test_many_threads_submitting_at_once(make_engine):
     assert replies == [replies[i % len(QUESTIONS)] for i in range(16)]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash is the test
 def test_a_dead_engine_thread_is_restarted_on_the_next_request(make_engine):
     engine = make_engine(max_batch=2)
 
