@@ -80,7 +80,7 @@ def prepare_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) 
     """
     path = Path(path)
     name = path.name
-    _check_file(path, name, limits)
+    check_upload_file(path, name, limits.max_file_bytes, ImageError)
     image, size, frames_notice = _decode(path, name, limits)
     notices = [frames_notice] if frames_notice else []
     if image.size != size:
@@ -93,15 +93,17 @@ def prepare_image(path: str | os.PathLike, limits: ImageLimits = ImageLimits()) 
     return PreparedImage(image=image, digest=_digest(image), notices=tuple(notices))
 
 
-def _check_file(path: Path, name: str, limits: ImageLimits) -> None:
-    """Cheap checks on the file itself, so oversized uploads are refused without being read."""
+def check_upload_file(path: Path, name: str, max_bytes: int, error: type[ValueError], kind: str = "") -> None:
+    """Cheap checks on an uploaded file itself (pictures, videos), so oversized uploads are
+    refused without being read; `error` carries the message, `kind` names the limit's kind."""
     if not path.is_file():
-        raise ImageError(f"{name} could not be found on the server; please upload it again.")
+        raise error(f"{name} could not be found on the server; please upload it again.")
     size = path.stat().st_size
     if size == 0:
-        raise ImageError(f"{name} is empty (0 bytes).")
-    if size > limits.max_file_bytes:
-        raise ImageError(f"{name} is {_megabytes(size)} MB; the limit is {_megabytes(limits.max_file_bytes)} MB.")
+        raise error(f"{name} is empty (0 bytes).")
+    if size > max_bytes:
+        limit = f"the limit for {kind} is" if kind else "the limit is"
+        raise error(f"{name} is {_megabytes(size)} MB; {limit} {_megabytes(max_bytes)} MB.")
 
 
 def _decode(path: Path, name: str, limits: ImageLimits) -> tuple[Image.Image, tuple[int, int], str | None]:

@@ -30,7 +30,7 @@ from .monitor import ServerMonitor
 from .settings import Settings
 from .ui_chat import (LiveReplies, ReplyView, error_note, message_text, question_before, split_last_user_turn,
                       stats_caption, user_bubbles, without_reply)
-from .ui_style import PAGE_CSS, PAGE_TITLE
+from .ui_style import PAGE_TITLE
 
 CHAT_GROUP = "model"  # the one concurrency group of every event that reaches the engine
 VIDEO_TYPES = [".mp4", ".webm", ".mov"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import av
 from PIL import Image
 
-from .images import DECODING
+from .images import DECODING, check_upload_file
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def prepare_video(path: str | os.PathLike, limits: VideoLimits, frames: int) -> 
     """
     path = Path(path)
     name = path.name
-    _check_file(path, name, limits)
+    check_upload_file(path, name, limits.max_file_bytes, VideoError, "videos")
     demuxer = _demuxer(path, name)
     with _unreadable_as_video_error(name), \
             av.open(str(path), format=demuxer, metadata_errors="ignore") as container:
@@ -112,15 +112,6 @@ def sample_times(seconds: float, frames: int) -> list[float]:
     return [seconds * (index + 0.5) / count for index in range(count)]
 
 
-def _check_file(path: Path, name: str, limits: VideoLimits) -> None:
-    if not path.is_file():
-        raise VideoError(f"{name} could not be found on the server; please upload it again.")
-    size = path.stat().st_size
-    if size == 0:
-        raise VideoError(f"{name} is empty (0 bytes).")
-    if size > limits.max_file_bytes:
-        raise VideoError(f"{name} is {size / 2**20:.3g} MB; the limit for videos is "
-                         f"{limits.max_file_bytes / 2**20:.3g} MB.")
 
 
 def _demuxer(path: Path, name: str) -> str:
