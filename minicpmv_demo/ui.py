@@ -188,8 +188,11 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
                 for notice in notices:
                     gr.Info(notice)
                 yield shown, None
+                told = len(stream.notices)
                 for text in stream.updates(service.current_stream_interval):
                     yield shown + view.messages(text), gr.skip()
+                for notice in stream.notices[told:]:  # written while it streamed (a reasoning cut)
+                    gr.Info(notice)
                 stats = stream.stats
                 yield shown + view.messages(stream.text, ended=True) + [
                     stats_caption(service.stats_line(stats), stats)], gr.skip()
@@ -230,12 +233,12 @@ def build_ui(service: ChatService, loaded: LoadedModel, monitor: ServerMonitor) 
                 idle_input
 
         def undo(history, request: gr.Request):
-            live.stop(request.session_hash or "", wait_s=0)
+            live.stop(request.session_hash or "", wait_s=0, early=False)
             earlier, message = split_last_user_turn(without_reply(list(history or [])))
             return earlier, message if message is not None else gr.skip()
 
         def clear(request: gr.Request):
-            live.stop(request.session_hash or "", wait_s=0)
+            live.stop(request.session_hash or "", wait_s=0, early=False)
             return [], idle_input
 
         def rate(history, liked: gr.LikeData):

@@ -137,12 +137,20 @@ class LiveReplies:
             if self._replies.get(session, (None,))[0] is stream:
                 del self._replies[session]
 
-    def stop(self, session: str, wait_s: float = 2.0) -> tuple[ReplyStream, ReplyView, list[dict]] | None:
-        """Cancel the session's reply and wait (briefly) for the engine to hand its stats."""
+    def stop(self, session: str, wait_s: float = 2.0,
+             early: bool = True) -> tuple[ReplyStream, ReplyView, list[dict]] | None:
+        """Cancel the session's reply and wait (briefly) for the engine to hand its stats.
+
+        `early`: with no reply yet, remember the Stop for the one about to start (the Stop
+        button); Undo and Clear cancel only what runs, and must not refuse the next question.
+        """
         with self._lock:
             live = self._replies.pop(session, None)
-            if live is None:
-                self._early_stops[session] = time.monotonic()
+            if live is None and early:
+                now = time.monotonic()
+                for stale in [s for s, pressed in self._early_stops.items() if now - pressed >= self.EARLY_STOP_S]:
+                    del self._early_stops[stale]
+                self._early_stops[session] = now
         if live is None:
             return None
         stream = live[0]

@@ -56,6 +56,8 @@ def test_stop_before_the_reply_starts_is_kept_for_it():
                              finish_reason=FinishReason.CANCELLED))
     stopped = live.stop("tab", wait_s=1)
     assert stopped is not None and stopped[0].cancelled and not live.stopped_early("other")
+    # Undo and Clear cancel what runs; with nothing running they must not refuse the next question.
+    assert live.stop("tab", wait_s=0, early=False) is None and not live.stopped_early("tab")
 
 
 def test_edit_and_feedback_find_the_whole_question(tmp_path: Path):

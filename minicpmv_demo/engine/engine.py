@@ -275,9 +275,12 @@ class Engine:
         if not newcomers:
             return
         try:
-            self._join(newcomers)
+            prefilled = self._prefill(newcomers)
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
             self._on_prefill_error(newcomers, exc)
+            return
+        # Outside the try: rows already merged into the batch must never be prefilled again.
+        self._add_rows(newcomers, *prefilled)
 
     def _take_newcomers(self) -> list[_Row]:
         """Waiting rows for the free slots, while their memory and the prefill budget allow."""
@@ -305,12 +308,11 @@ class Engine:
             newcomers.append(row)
         return newcomers
 
-    def _join(self, newcomers: list[_Row]) -> None:
+    def _prefill(self, newcomers: list[_Row]) -> tuple[object, torch.Tensor]:
         now = time.perf_counter()
         for row in newcomers:
             row.started_at = row.started_at or now
-        batch, logits = self.runner.prefill([r.prompt for r in newcomers], [r.generated for r in newcomers])
-        self._add_rows(newcomers, batch, logits)
+        return self.runner.prefill([r.prompt for r in newcomers], [r.generated for r in newcomers])
 
     def _advance_piecewise(self) -> None:
         """Prefill the next piece of the long prompt in hand; it joins the batch after its last."""
@@ -562,9 +564,11 @@ class Engine:
             # Find the request that broke the prefill: each alone, the others still get served.
             for row in newcomers:
                 try:
-                    self._join([row])
+                    prefilled = self._prefill([row])
                 except Exception as solo_exc:  # noqa: BLE001
                     self._on_prefill_error([row], solo_exc)
+                    continue
+                self._add_rows([row], *prefilled)
             return
         log.warning("request failed in prefill: %r", exc)
         self._fail(newcomers[0], _user_message(exc))

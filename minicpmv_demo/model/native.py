@@ -394,9 +394,9 @@ class NativeRunner:
         """Append `newcomer`'s rows to `batch`: into free slots, or (dynamic) concatenated with
         the shorter one left-padded on the time axis."""
         if isinstance(batch, SlotBatch):
+            if batch.size + newcomer.size > batch.cache.slots:  # checked before any row is written
+                raise RuntimeError("no free slot: the engine admitted more rows than --max-batch")
             for row, length in enumerate(newcomer.mask.sum(dim=1).tolist()):
-                if batch.size >= batch.cache.slots:
-                    raise RuntimeError("no free slot: the engine admitted more rows than --max-batch")
                 batch.cache.write(batch.size, newcomer.cache, row, length)
                 batch.lengths.append(length)
             return batch

@@ -131,10 +131,12 @@ class RemoteEngine:
                 self._active -= 1
 
     async def _stream_reply(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream) -> None:
-        model = self.probe.status.model or self.probe.poll().model
+        # Blocking work (a probe's HTTP call, encoding pictures and videos) runs off the loop,
+        # which every other reply's stream shares.
+        model = self.probe.status.model or (await asyncio.to_thread(self.probe.poll)).model
         if not model:
             raise BackendDown(self.probe.status.error or "no model")
-        body = request_body(conversation, params, model)
+        body = await asyncio.to_thread(request_body, conversation, params, model)
         extra = {key: body.pop(key) for key in list(body) if key not in STANDARD_FIELDS}
         started = time.perf_counter()
         counted, usage_tokens, finish, thinking = 0, None, FinishReason.STOP, False
