@@ -70,22 +70,25 @@ def sample_for(logits: torch.Tensor, params: list[SamplingParams], generator: to
     if all(p.greedy for p in params) and not penalised:  # the common API case: no per-row tensors
         tokens = logits.argmax(dim=-1)
     else:
-        tokens, valid = sample_next_tokens(logits, RowSettings.of(params, logits.device), generator, seen)
+        tokens, valid = sample_next_tokens(logits, RowSettings.of(params, logits.device), generator, seen, usable)
         usable &= valid
     chosen, ok = torch.stack([tokens, usable.long()]).tolist()  # the step's one device-to-host copy
     return Sampled([token if good else None for token, good in zip(chosen, ok, strict=True)])
 
 
 def sample_next_tokens(logits: torch.Tensor, settings: RowSettings, generator: torch.Generator | None = None,
-                       seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       seen: torch.Tensor | None = None,
+                       usable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of `logits` [B, V]: argmax where temperature is 0, else a draw.
 
     Returns the tokens and which rows' distributions were valid, both on the logits' device.
     Greedy rows take the argmax of their (penalised) logits, exactly. The draw is the
     exponential race (argmax of p / Exp(1) noise picks token i with probability p_i), which
-    never raises or syncs on a bad row the way `torch.multinomial` does.
+    never raises or syncs on a bad row the way `torch.multinomial` does. `usable`: the rows
+    `_usable_rows` finds, when the caller has them already (a pass over the whole vocabulary).
     """
-    scores = torch.where(_usable_rows(logits)[:, None], logits, torch.zeros_like(logits))
+    usable = _usable_rows(logits) if usable is None else usable
+    scores = torch.where(usable[:, None], logits, torch.zeros_like(logits))
     if seen is not None and settings.any_penalised:
         scores = penalize_repetition(scores, seen, settings.penalties)
     greedy = scores.argmax(dim=-1)
