@@ -155,9 +155,7 @@ class LiveReplies:
             return None
         stream = live[0]
         stream.cancel()
-        deadline = time.monotonic() + wait_s
-        while not stream.done and time.monotonic() < deadline:
-            time.sleep(0.01)
+        stream.wait(wait_s)
         return live
 
 

@@ -28,6 +28,7 @@ from ..gpu import peak_memory_mb, reset_peak_memory
 from ..lru import LruCache
 from .context import ContextError, fit_to_context
 from .detokenizer import IncrementalDecoder
+from .meter import TokenMeter
 from .reasoning_budget import ReasoningBudget, budget_for
 from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from .sampling import sample_for
@@ -111,8 +112,7 @@ class Engine:
         self._batch = None
         self._piecewise: tuple[_Row, object] | None = None  # a long prompt being prefilled in pieces
         self._steps_since_oom = 0
-        self._recent_tokens: deque[tuple[float, int]] = deque()  # (time, tokens) of the last 5 s
-        self._meter_lock = threading.Lock()
+        self.meter = TokenMeter()  # tokens/s over the last seconds, for status panels
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._restart_lock = threading.Lock()
@@ -203,16 +203,13 @@ class Engine:
 
     def state(self) -> dict:
         """A cheap snapshot for status panels: never waits for the engine thread."""
-        now = time.monotonic()
-        with self._meter_lock:
-            recent = [(t, n) for t, n in self._recent_tokens if now - t <= 5.0]
         return {
             "alive": self.alive,
             "queue_depth": len(self._waiting) + bool(self._piecewise),  # a prompt in pieces waits too
             "batch_size": self.active_rows,
             "batch_ceiling": self.ceiling,
             "max_batch": self.max_batch,
-            "tokens_per_s": sum(n for _, n in recent) / 5.0,
+            "tokens_per_s": self.meter.per_second(),
             "cache_hits": self.reply_cache.hits,
             "restarts": self.restarts,
         }
@@ -368,7 +365,7 @@ class Engine:
             for piece in self.runner.stream(row.prompt, row.params, lambda: row.stream.cancelled):
                 row.generated.append(0)  # chat() yields text pieces, not ids: count them as tokens
                 row.stream.append(piece)
-                self._count_tokens(1)
+                self.meter.count(1)
             reason = FinishReason.CANCELLED if row.stream.cancelled else FinishReason.STOP
             self._finish(row, reason)
         except Exception as exc:  # noqa: BLE001
@@ -401,7 +398,7 @@ class Engine:
                          if rows[index].finish_reason is None and not rows[index].stream.cancelled]
                 for row, token in given:
                     self._give(row, token)
-                self._count_tokens(sum(token is not None for _, token in given))
+                self.meter.count(sum(token is not None for _, token in given))
         except Exception as exc:  # noqa: BLE001 - the call's rows fail, the engine goes on
             log.warning("GPU call failed: %r", exc)
             for row in rows:
@@ -427,7 +424,7 @@ class Engine:
         sampled = sample_for(logits, [r.params for r in rows], self._generator, self._seen_tokens(rows, logits))
         for row, token in zip(rows, sampled.tokens, strict=True):
             self._give(row, token)
-        self._count_tokens(len(rows) - len(sampled.failed_rows))  # once per step, not per row
+        self.meter.count(len(rows) - len(sampled.failed_rows))  # once per step, not per row
 
     def _seen_tokens(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor | None:
         """What each row has seen so far, for the repetition penalty; None when no row has one."""
@@ -464,13 +461,6 @@ class Engine:
         row.stream.append(row.decoder.push(token))
         if len(row.generated) >= row.params.max_new_tokens:
             row.finish_reason = FinishReason.LENGTH
-
-    def _count_tokens(self, count: int) -> None:
-        now = time.monotonic()
-        with self._meter_lock:
-            self._recent_tokens.append((now, count))
-            while self._recent_tokens and now - self._recent_tokens[0][0] > 5.0:
-                self._recent_tokens.popleft()
 
     def _mark_batch_size(self) -> None:
         for row in self._rows:

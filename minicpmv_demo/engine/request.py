@@ -161,6 +161,10 @@ class ReplyStream:
     def done(self) -> bool:
         return self._ended.is_set()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the reply has ended (or `timeout` passes); returns whether it ended."""
+        return self._ended.wait(timeout)
+
     @property
     def text(self) -> str:
         return self._text
@@ -193,7 +197,7 @@ class ReplyStream:
     def result(self, timeout: float | None = None) -> str:
         """Block until the reply is complete and return its text (the OpenAI route without
         streaming, tests, benchmarks). Waits for the end alone: not woken at every token."""
-        if not self._ended.wait(timeout):
+        if not self.wait(timeout):
             raise TimeoutError("reply not finished in time")
         if self._error is not None:
             raise ReplyError(self._error)

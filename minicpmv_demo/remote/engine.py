@@ -13,13 +13,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 
 import httpx
 import openai
 
 from ..conversation import Conversation
 from ..engine import FinishReason, ReplyStats, ReplyStream, SamplingParams
+from ..engine.meter import TokenMeter
 from ..reasoning import THINK_CLOSE, THINK_OPEN
 from .probe import BackendProbe
 from .wire import request_body
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 # How often a running reply looks at its stream's cancel flag (set from another thread).
 CANCEL_CHECK_S = 0.2
-# Tokens/s of the panel are counted over this window, like the local engine's.
-METER_WINDOW_S = 5.0
 
 FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
@@ -50,7 +48,7 @@ class RemoteEngine:
         self._client: openai.AsyncOpenAI | None = None
         self._active = 0
         self._lock = threading.Lock()
-        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self.meter = TokenMeter()  # the panel's tokens/s, counted as the local engine counts
 
     # -- life ----------------------------------------------------------------------------------
     def start(self) -> RemoteEngine:
@@ -92,18 +90,13 @@ class RemoteEngine:
     def state(self) -> dict:
         """The same keys as the local engine's, from the backend's last answer where it gave one."""
         status = self.probe.status
-        now = time.monotonic()
-        with self._lock:
-            while self._recent_tokens and now - self._recent_tokens[0][0] > METER_WINDOW_S:
-                self._recent_tokens.popleft()
-            tokens = sum(n for _, n in self._recent_tokens)
         return {
             "alive": status.reachable,
             "queue_depth": status.queue_depth if status.queue_depth is not None else 0,
             "batch_size": status.batch_size if status.batch_size is not None else self._active,
             "batch_ceiling": status.batch_ceiling or self.max_batch,
             "max_batch": status.batch_ceiling or self.max_batch,
-            "tokens_per_s": tokens / METER_WINDOW_S,
+            "tokens_per_s": self.meter.per_second(),
             "cache_hits": 0,
             "restarts": self.restarts,
             "backend": {"url": self.probe.base_url, "reachable": status.reachable, "error": status.error,
@@ -162,17 +155,13 @@ class RemoteEngine:
                         thinking = False
                     stream.append(delta.content)
                 if reasoning or delta.content:
-                    self._count(1)  # servers stream about one token per chunk
+                    self.meter.count(1)  # servers stream about one token per chunk
                     counted += 1
                 if choice.finish_reason:
                     finish = FINISH_REASONS.get(choice.finish_reason, FinishReason.STOP)
         stream.finish(ReplyStats(tokens=counted if usage_tokens is None else usage_tokens, seconds=time.perf_counter() - started,
                                  batch_size=max(1, self.probe.status.batch_size or 1),
                                  peak_memory_mb=None, finish_reason=finish))
-
-    def _count(self, tokens: int) -> None:
-        with self._lock:
-            self._recent_tokens.append((time.monotonic(), tokens))
 
 
 # What the `openai` client takes as keyword arguments; everything else goes in `extra_body`.
