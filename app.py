@@ -19,15 +19,27 @@ import_spaces_first()  # on a ZeroGPU Space `spaces` must patch torch before any
 from minicpmv_demo.settings import parse_settings  # noqa: E402  (light: --help stays fast)
 
 
+# HTTP clients that log every request at INFO: the backend probe asks every 2 s, and each chat
+# sent to a backend is one more line. Their warnings still show; the probe logs its own changes.
+QUIET_LOGGERS = ("httpx", "httpx2")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from minicpmv_demo.model import ModelLoadError
+    from minicpmv_demo.remote import BackendClientError
     from minicpmv_demo.server import build_app
 
     try:
         app = build_app(settings)
-    except ModelLoadError as exc:
+    except (ModelLoadError, BackendClientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app.launch(block=True)

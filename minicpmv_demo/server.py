@@ -23,7 +23,7 @@ from .model import LoadedModel, load_model
 from .monitor import ServerMonitor
 from .openai_api import add_openai_routes
 from .process_memory import return_large_blocks_on_free
-from .remote import BackendProbe, RemoteEngine
+from .remote import BackendClientError, BackendProbe, RemoteEngine
 from .remote.memory import BackendMemory
 from .settings import Settings
 from .ui import build_ui
@@ -165,7 +165,12 @@ def _remote_engine(settings: Settings) -> tuple[LoadedModel, RemoteEngine, Backe
     probe = BackendProbe(settings.backend, settings.backend_api_key, settings.backend_model,
                          interval_s=settings.panel_interval, timeout_s=min(5.0, settings.backend_timeout)).start()
     engine = RemoteEngine(probe, api_key=settings.backend_api_key, timeout_s=settings.backend_timeout,
-                          max_batch=settings.concurrency).start()
+                          max_batch=settings.concurrency)
+    try:
+        engine.start()
+    except BackendClientError:
+        probe.stop()
+        raise
     model_name = probe.status.model or settings.backend_model or "remote model"
     return LoadedModel.remote(model_name, settings.default_thinking), engine, BackendMemory(GpuMemory(), probe)
 

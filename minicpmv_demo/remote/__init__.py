@@ -1,6 +1,6 @@
 """Serving the page from a remote OpenAI-compatible server instead of a model in this process."""
 
-from .engine import RemoteEngine
+from .engine import BackendClientError, RemoteEngine
 from .probe import BackendProbe, BackendStatus
 
-__all__ = ["BackendProbe", "BackendStatus", "RemoteEngine"]
+__all__ = ["BackendClientError", "BackendProbe", "BackendStatus", "RemoteEngine"]

@@ -17,6 +17,13 @@ import time
 import httpx
 import openai
 
+try:  # openai 3.x runs on httpx2; a transport error it does not wrap is one of those
+    import httpx2
+
+    HTTP_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError, httpx2.HTTPError)
+except ImportError:  # openai 2.x: httpx alone
+    HTTP_ERRORS = (httpx.HTTPError,)
+
 from ..conversation import Conversation
 from ..engine import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from ..engine.meter import TokenMeter
@@ -52,14 +59,24 @@ class RemoteEngine:
 
     # -- life ----------------------------------------------------------------------------------
     def start(self) -> RemoteEngine:
+        """Start the client's loop thread; raises BackendClientError (one line) if the installed
+        `openai` cannot build a client, instead of every chat failing later."""
         self._thread = threading.Thread(target=self._loop.run_forever, name="backend-client", daemon=True)
         self._thread.start()
-        self._client = asyncio.run_coroutine_threadsafe(self._make_client(), self._loop).result()
+        try:
+            self._client = asyncio.run_coroutine_threadsafe(self._make_client(), self._loop).result()
+        except Exception as exc:  # noqa: BLE001 - any failure here is a broken install, said in one line
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise BackendClientError(
+                f"the installed openai {openai.__version__} cannot build its client ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); install the locked versions with "
+                "`pip install -r requirements.txt` (or `make run`)") from None
         return self
 
     async def _make_client(self) -> openai.AsyncOpenAI:
-        timeout = httpx.Timeout(self._timeout_s)
-        return openai.AsyncOpenAI(base_url=self.probe.base_url, api_key=self._api_key, timeout=timeout,
+        # A plain number of seconds: openai 2.x (httpx) and 3.x (httpx2) both take one, while each
+        # refuses the other HTTP stack's Timeout object.
+        return openai.AsyncOpenAI(base_url=self.probe.base_url, api_key=self._api_key, timeout=self._timeout_s,
                                   max_retries=0)
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -172,6 +189,10 @@ class BackendDown(RuntimeError):
     """The backend could not be asked at all."""
 
 
+class BackendClientError(RuntimeError):
+    """The OpenAI client cannot be built with the installed packages; str() says what to do."""
+
+
 def _reasoning(delta) -> str:
     """vLLM's `reasoning_content` (newer servers also say `reasoning`) from a stream delta."""
     extra = delta.model_extra or {}
@@ -193,7 +214,7 @@ def failure_message(exc: BaseException) -> str:
         if 400 <= exc.status_code < 500:
             return f"The model server refused this request: {detail}"
         return f"The model server failed ({exc.status_code}): {detail}. Please try again."
-    if isinstance(exc, (httpx.HTTPError, openai.APIError)):
+    if isinstance(exc, (*HTTP_ERRORS, openai.APIError)):
         return "The connection to the model server was lost. Please try again in a moment."
     log.exception("backend reply failed", exc_info=exc)
     return "Something went wrong while talking to the model server. Please try again."

@@ -68,7 +68,7 @@ class BackendProbe:
         self._status = BackendStatus()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._logged: str | None = None
+        self._logged: str | None = self._status.error  # "not asked yet": the first answer is logged, up or down
 
     @property
     def status(self) -> BackendStatus:
