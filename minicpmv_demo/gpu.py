@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -61,12 +62,15 @@ class _Query:
 class GpuMemory:
     """Cached, time-bounded GPU readings; safe to call often and from any thread."""
 
-    def __init__(self, ttl_s: float = 1.0, timeout_s: float = 3.0) -> None:
+    def __init__(self, ttl_s: float = 1.0, timeout_s: float = 3.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` dates the readings (how old the latest is); waiting for nvidia-smi uses real time."""
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._reading: GpuReading | None = None  # the latest finished query's result
-        self._read_at = -math.inf  # time.monotonic() when it finished
+        self._read_at = -math.inf  # `clock()` when it finished
         self._last_good: tuple[GpuInfo, ...] = ()  # shown, with an error, while nvidia-smi hangs
         self._query: _Query | None = None  # at most one: a stuck nvidia-smi is never started again
         self._logged_error: str | None = None
@@ -74,7 +78,7 @@ class GpuMemory:
     def read(self) -> GpuReading:
         """The latest reading, at most `ttl_s` old; waits at most `timeout_s` for a new one."""
         with self._lock:
-            if self._reading is not None and time.monotonic() - self._read_at < self.ttl_s:
+            if self._reading is not None and self._clock() - self._read_at < self.ttl_s:
                 return self._reading
             query = self._query or self._start_query()
         query.done.wait(max(0.0, query.deadline - time.monotonic()))
@@ -102,7 +106,7 @@ class GpuMemory:
     def _run(self, query: _Query) -> None:
         reading = query_gpus()
         with self._lock:
-            self._reading, self._read_at, self._query = reading, time.monotonic(), None
+            self._reading, self._read_at, self._query = reading, self._clock(), None
             if reading.gpus:
                 self._last_good = reading.gpus
             self._log_once(reading.error)

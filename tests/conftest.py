@@ -7,6 +7,7 @@ same code as a downloaded checkpoint; engines run their own thread; apps are rea
 from __future__ import annotations
 
 import os
+import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,7 @@ from minicpmv_demo.conversation import Conversation, Turn
 from minicpmv_demo.engine import Engine
 from minicpmv_demo.images import prepare_image
 from minicpmv_demo.model import load_model
+from minicpmv_demo.model.native import NativeRunner
 from minicpmv_demo.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -58,6 +60,23 @@ def make_engine(loaded_tiny):
     for engine in engines:
         if engine.alive:
             engine.shutdown()
+
+
+class HeldRunner(NativeRunner):
+    """The tiny model's runner, whose decode steps wait while `go` is clear.
+
+    A test clears `go`, asks, reads the reply's first piece (the prefill's token), then sets
+    `go`: the rest is made only after the first piece was seen, on a machine of any speed.
+    """
+
+    def __init__(self, runner: NativeRunner) -> None:
+        super().__init__(runner.model, runner.processor, thinks_by_default=runner.thinks_by_default)
+        self.go = threading.Event()
+        self.go.set()
+
+    def step(self, batch, tokens):
+        self.go.wait(60)
+        return super().step(batch, tokens)
 
 
 def launch_app(settings: Settings, loaded):

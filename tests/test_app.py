@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from conftest import launch_app, run_concurrently
+from conftest import HeldRunner, launch_app, run_concurrently, wait_until
 from gradio_client import Client, handle_file
 
 
@@ -18,7 +18,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 def served(tiny_settings, loaded_tiny):
     from dataclasses import replace
 
-    app, url = launch_app(replace(tiny_settings, max_batch=8, cache_size=0, stream_interval=0.01), loaded_tiny)
+    held = replace(loaded_tiny, runner=HeldRunner(loaded_tiny.runner))
+    app, url = launch_app(replace(tiny_settings, max_batch=8, cache_size=0, stream_interval=0.01), held)
     client = Client(url, verbose=False)
     yield app, client
     client.close()
@@ -32,9 +33,17 @@ def chat(client: Client, text: str, *images: str, history=None, max_new_tokens=1
 
 
 def test_chat_answers_an_image_question_and_streams(served):
+    """The model is held after its first token until that piece reached the client: the reply
+    streams in pieces on a machine of any speed."""
     app, client = served
-    job = client.submit(message={"text": "What is in the image?", "files": [handle_file(str(ASSETS / "scene.png"))]},
-                        history=[], max_new_tokens=40, temperature=0.0, top_p=1.0, api_name="/chat")
+    app.engine.runner.go.clear()
+    try:
+        job = client.submit(message={"text": "What is in the image?",
+                                     "files": [handle_file(str(ASSETS / "scene.png"))]},
+                            history=[], max_new_tokens=40, temperature=0.0, top_p=1.0, api_name="/chat")
+        assert wait_until(lambda: any(job.outputs()), timeout=60), "the first piece arrives on its own"
+    finally:
+        app.engine.runner.go.set()
     final = job.result(timeout=60)
     partials = job.outputs()
     assert len(final.split()) >= 10

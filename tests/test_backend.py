@@ -4,6 +4,7 @@ itself serving the tiny model on loopback (vLLM itself needs a GPU)."""
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -14,8 +15,9 @@ import pytest
 from gradio_client import Client, handle_file
 
 from clips import make_clip
-from conftest import wait_until
+from conftest import HeldRunner, wait_until
 from minicpmv_demo.engine import ReplyError, SamplingParams
+from minicpmv_demo.remote import BackendProbe, RemoteEngine
 from minicpmv_demo.remote.probe import prometheus_values
 from minicpmv_demo.server import build_app
 from minicpmv_demo.settings import Settings
@@ -31,7 +33,9 @@ def free_port() -> int:
 
 
 def start_backend(tiny_settings, loaded_tiny, port: int):
-    app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=2048), loaded_tiny)
+    """A second instance of this app serving the tiny model; its runner can be held (HeldRunner)."""
+    held = replace(loaded_tiny, runner=HeldRunner(loaded_tiny.runner))
+    app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=2048), held)
     app.launch(server_port=port, quiet=True)
     return app
 
@@ -77,18 +81,31 @@ def _direct(port: int, text: str, image: str, **extra):
 
 def test_the_page_chat_and_openai_route_answer_through_the_backend(pair):
     front_url, port = pair["front_url"], pair["port"]
+    held = pair["backend"].engine.runner  # the backend's model waits after its first token...
     page = Client(front_url, verbose=False)
-    job = page.submit(message={"text": "What is in it?", "files": [handle_file(str(ASSETS / "scene.png"))]},
-                      history=[], api_name="/chat", **GREEDY)
+    held.go.clear()
+    try:
+        job = page.submit(message={"text": "What is in it?", "files": [handle_file(str(ASSETS / "scene.png"))]},
+                          history=[], api_name="/chat", **GREEDY)
+        assert wait_until(lambda: any(job.outputs()), timeout=60), "...until that piece reached the page"
+    finally:
+        held.go.set()
     answer = job.result(timeout=60)
     assert len(job.outputs()) >= 2, "the reply should stream in pieces"
     # The backend, asked directly with the same picture, gives the same greedy answer: it answered.
     assert answer == direct(port, "What is in it?", "scene.png")
 
     client = openai.OpenAI(base_url=f"{front_url}v1", api_key="none", max_retries=0)
-    pieces = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Say something"}], max_tokens=12, temperature=0,
-        stream=True) if chunk.choices]
+    held.go.clear()
+    pieces = []
+    try:
+        for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say something"}],
+                                                    max_tokens=12, temperature=0, stream=True):
+            pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            if pieces[-1]:
+                held.go.set()
+    finally:
+        held.go.set()
     assert len([p for p in pieces if p]) >= 2 and "".join(pieces).strip()
 
 
@@ -154,6 +171,47 @@ def test_stop_frees_the_backends_row(pair):
     stream.cancel()
     assert wait_until(lambda: backend_health(port)["batch_size"] == 0, timeout=10), "the backend still decodes it"
     assert wait_until(lambda: stream.done, timeout=5)
+
+
+def test_the_installed_openai_builds_the_backend_client():
+    """The client the backend engine streams with is built by the openai release installed here
+    (openai 3.x refused the httpx.Timeout that 2.x took: every --backend start failed)."""
+    engine = RemoteEngine(BackendProbe(f"http://127.0.0.1:{free_port()}/v1"), timeout_s=7.5).start()
+    try:
+        assert isinstance(engine._client, openai.AsyncOpenAI) and engine._client.timeout == 7.5
+    finally:
+        engine.shutdown()
+
+
+def test_a_client_that_cannot_be_built_is_one_line_at_start(monkeypatch, capsys):
+    """If the installed openai cannot build its client (a broken or drifted install), --backend
+    stops with one line saying what to do: no traceback, no half-built client's noise."""
+    import app
+
+    def refuse(*args, **kwargs):
+        raise TypeError("Invalid timeout: expected a number")
+
+    monkeypatch.setattr(openai, "AsyncOpenAI", refuse)
+    assert app.main(["--backend", f"http://127.0.0.1:{free_port()}/v1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert "cannot build its client" in err and "requirements.txt" in err and openai.__version__ in err
+
+
+def test_the_probe_logs_changes_not_every_poll(pair, caplog):
+    """With --backend the probe asks every 2 s: the log says when the backend comes or goes,
+    not one HTTP line per poll."""
+    import app
+
+    app.configure_logging()
+    with caplog.at_level(logging.INFO):
+        for url in (f"http://127.0.0.1:{pair['port']}/v1", f"http://127.0.0.1:{free_port()}/v1"):
+            probe = BackendProbe(url, interval_s=60)
+            for _ in range(3):
+                probe.poll()
+            probe.stop()
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and "is up" in lines[0] and "unreachable" in lines[1], lines
 
 
 def test_a_backend_down_at_start_is_said_and_contained():

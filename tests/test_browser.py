@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import HeldRunner
 from minicpmv_demo.server import build_app
 from minicpmv_demo.ui_style import FAVICON
 
@@ -28,6 +29,7 @@ DESKTOP, PHONE = (1366, 900), (390, 844)
 ERROR_STATES = "[data-testid='status-tracker'] .error, .toast-body.error"
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+expect = playwright_api.expect
 if not (shutil.which(CHROMIUM) or os.path.exists(CHROMIUM)):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
@@ -35,16 +37,25 @@ if not (shutil.which(CHROMIUM) or os.path.exists(CHROMIUM)):
 @pytest.fixture(scope="module")
 def served(tiny_settings, loaded_tiny, tmp_path_factory):
     feedback_log = tmp_path_factory.mktemp("feedback") / "feedback.jsonl"
+    held = replace(loaded_tiny, runner=HeldRunner(loaded_tiny.runner))
     app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=1024, feedback_log=str(feedback_log)),
-                    loaded_tiny)
+                    held)
     _, local_url, _ = app.launch(server_port=None, quiet=True)
-    yield local_url, feedback_log
+    yield local_url, feedback_log, held.runner
     app.close()
 
 
 @pytest.fixture(scope="module")
 def url(served):
     return served[0]
+
+
+@pytest.fixture
+def held(served):
+    """The model's runner: clear its `go` to hold a reply after its first token (HeldRunner)."""
+    runner = served[2]
+    yield runner
+    runner.go.set()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +70,7 @@ def open_page(browser, url, size=DESKTOP):
     page = browser.new_page(viewport={"width": size[0], "height": size[1]})
     page.goto(url)
     page.locator("#chat-input textarea").wait_for()
-    page.wait_for_timeout(800)  # the page opens its queue connection
+    expect(page.locator("#chatbot .example").first).to_be_visible()  # the page has loaded its app
     return page
 
 
@@ -135,8 +146,8 @@ def test_first_screen_invites(browser, url, size, tiny_dir):
     placeholder = page.locator("#chat-input textarea").get_attribute("placeholder")
     assert "up to 4 images (20 MB each)" in placeholder, "limits stated before they are hit"
     assert "Demo model: answers are random words" in page.inner_text("body")
-    assert not page.get_by_text("make run", exact=False).first.is_visible(), "operator help is folded"
-    assert page.get_by_text("thinking off").first.is_visible(), "a one-line summary of the settings"
+    expect(page.get_by_text("make run", exact=False).first).to_be_hidden()  # operator help is folded
+    expect(page.get_by_text("thinking off").first).to_be_visible()  # a one-line summary of the settings
     assert tiny_dir not in page.content(), "no local folder path shown to visitors"
     assert page.locator("#chat-input").get_by_text("Your message").count() == 1, "the input has a meaningful label"
     assert page.evaluate("document.documentElement.scrollWidth") <= size[0], "no horizontal scrolling"
@@ -239,9 +250,8 @@ def test_stop_is_in_the_box_and_marks_the_reply(browser, url):
     mark.first.wait_for(timeout=10_000)
     assert "tok/s" in mark.first.inner_text(), "a stopped reply keeps its stats"
     frozen = page.locator("#chatbot").inner_text()
-    page.wait_for_timeout(1500)
+    page.locator("#chat-input button[aria-label='Submit']").wait_for(timeout=5_000)  # the reply's event ended
     assert page.locator("#chatbot").inner_text() == frozen, "the answer stopped growing"
-    page.locator("#chat-input button[aria-label='Submit']").wait_for(timeout=5_000)
     assert_no_error_state(page)
     page.close()
 
@@ -265,8 +275,6 @@ def test_twenty_quick_stops_never_error(browser, url):
             pytest.fail(f"still answering 15 s after Stop number {i} (clicked: {clicked})")
         assert_no_error_state(page)
     assert stopped >= 10, f"only {stopped} of 20 replies were still running when Stop was pressed"
-    page.wait_for_timeout(1000)
-    assert_no_error_state(page)
     answered = captions(page).count()
     ask(page, "After all that, one more?", max_tokens=8)
     wait_answered(page, answered + 1)
@@ -274,12 +282,14 @@ def test_twenty_quick_stops_never_error(browser, url):
     page.close()
 
 
-def test_retry_edit_and_trash(browser, url):
+def test_retry_edit_and_trash(browser, url, held):
     page = open_page(browser, url)
     ask(page, "What does this chart show?", "chart.png", max_tokens=30)
     wait_answered(page, 1)
+    held.go.clear()  # the new answer waits after its first word: the old one is seen to go first
     page.locator("#chatbot button[aria-label='Retry']").last.click()
-    page.wait_for_timeout(500)
+    expect(captions(page)).to_have_count(0)
+    held.go.set()
     wait_answered(page, 1)
     assert page.locator("#chatbot").get_by_text("What does this chart show?").count() == 1, "retry replaces"
     page.locator("#chatbot button[aria-label='Edit']").last.click()
@@ -293,11 +303,14 @@ def test_retry_edit_and_trash(browser, url):
     assert chat.locator("img").count() == 1, "the edited question keeps its picture"
 
     set_max_tokens(page, 1024, temperature=0)
+    held.go.clear()  # the answer holds after its first word: Clear comes while it is answering
     ask(page, "Tell me a very long story.")
     page.locator("#chat-input button[aria-label='Stop']").wait_for(timeout=15_000)
-    page.wait_for_timeout(800)
+    expect(chat).to_contain_text("long story")
     page.locator("#chatbot button[aria-label='Clear']").click()
-    page.wait_for_timeout(2000)
+    expect(chat).not_to_contain_text("long story")
+    held.go.set()
+    page.locator("#chat-input button[aria-label='Submit']").wait_for(timeout=15_000)  # the reply's event ended
     assert "best month" not in chat.inner_text() and "long story" not in chat.inner_text(), \
         "the trash icon clears for good, even while answering"
     assert_no_error_state(page)
@@ -305,7 +318,7 @@ def test_retry_edit_and_trash(browser, url):
 
 
 def test_feedback_is_written_to_the_log(browser, served):
-    url, feedback_log = served
+    url, feedback_log, _ = served
     page = open_page(browser, url)
     ask(page, "Rate this answer, please", max_tokens=12)
     wait_answered(page, 1)
@@ -323,7 +336,7 @@ def test_a_video_is_answered_and_shown(browser, url, tmp_path):
     clip = make_clip(tmp_path / "clip.mp4", seconds=2)
     page = open_page(browser, url)
     page.locator("#generation-settings").get_by_text("Generation settings").click()
-    assert page.locator("#generation-settings").get_by_label("Max frames per video").first.is_visible()
+    expect(page.locator("#generation-settings").get_by_label("Max frames per video").first).to_be_visible()
     page.locator("#generation-settings").get_by_text("Generation settings").click()
     ask(page, "What happens in this clip?", Path(clip), max_tokens=8)
     wait_answered(page, 1)
@@ -359,7 +372,7 @@ def test_thinking_toggle_shows_collapsible_reasoning(browser, url):
     page.get_by_text("Generation settings").click()
     page.locator("#generation-settings").get_by_label("Thinking").check()
     page.get_by_text("Generation settings").click()
-    assert page.get_by_text("thinking on").first.is_visible()
+    expect(page.get_by_text("thinking on").first).to_be_visible()
     ask(page, "Think first, then answer.", max_tokens=40)
     page.locator("#chatbot .thought-group").get_by_text("Thinking").first.wait_for(timeout=60_000)
     wait_answered(page, 1)

@@ -7,14 +7,13 @@ import asyncio
 import json
 import math
 import threading
-import time
 from dataclasses import replace
 
 import httpx
 import pytest
 import torch
 
-from conftest import ask, wait_until
+from conftest import HeldRunner, ask, wait_until
 from minicpmv_demo.chat_input import InputError
 from minicpmv_demo.chat_service import ChatService
 from minicpmv_demo.conversation import PromptOptions, Turn
@@ -176,15 +175,12 @@ def test_a_long_history_is_trimmed_with_one_encode_of_what_fits(make_engine, loa
     runner = CountingRunner(loaded_tiny.runner)
     engine = make_engine(runner, max_batch=2)
     conversation = ask("And now?", "scene.png", history=long_history(160, 4000))
-    started = time.perf_counter()
     stream = engine.submit(conversation, GREEDY)
-    submit_seconds = time.perf_counter() - started
     assert stream.result(timeout=60)
     assert stream.notices and "left out" in stream.notices[0]
     kept = runner.encoded_turns
     assert kept < 10, "only the newest turns that fit are encoded"
     assert runner.measured_turns <= kept + 2, "turns older than what fits are not even measured"
-    assert submit_seconds < 2.0
     assert runner.encode(conversation.since(len(conversation.turns) - kept)).length <= runner.context_length
 
 
@@ -222,8 +218,9 @@ def test_the_newest_message_alone_too_long_is_refused(make_engine, loaded_tiny):
 # -- through the app ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tiny_settings, loaded_tiny):
+    held = replace(loaded_tiny, runner=HeldRunner(loaded_tiny.runner))
     app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=1024, concurrency=8, queue_size=3),
-                    loaded_tiny)
+                    held)
     _, url, _ = app.launch(server_port=None, quiet=True)
     yield app, url
     app.close()
@@ -313,17 +310,16 @@ def test_the_page_refuses_a_nan_temperature_with_a_message(served):
         client.close()
 
 
-def test_a_160_turn_history_through_chat_is_answered_quickly(served):
+def test_a_160_turn_history_through_chat_is_answered(served):
     from gradio_client import Client
 
     _, url = served
     history = [{"role": t.role, "content": t.text} for t in long_history(160, 4000)]
     client = Client(url, verbose=False)
     try:
-        started = time.perf_counter()
         reply = client.predict(message={"text": "and now?", "files": []}, history=history, max_new_tokens=8,
                                temperature=0, top_p=1, api_name="/chat")
-        assert reply and time.perf_counter() - started < 5
+        assert reply
     finally:
         client.close()
 
@@ -388,28 +384,32 @@ def test_page_requests_count_against_the_api_limit(served):
     assert wait_until(lambda: app.service.gate.inside == 0)
 
 
-def test_health_stays_fast_while_many_non_streaming_requests_wait(served):
-    """Waiting API requests hold no worker thread: /health and the page's config still answer."""
+def test_health_answers_while_many_non_streaming_requests_wait(served):
+    """Waiting API requests hold no worker thread: /health and the page's config still answer
+    while every place is taken and the model is held, so none of the requests can end."""
     app, url = served
     body = json.dumps({"messages": user("a long story"), "max_tokens": 200, "temperature": 0})
+    gate, runner = app.service.gate, app.engine.runner
 
-    async def load_and_probe() -> list[float]:
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
+    async def load_and_probe() -> list[bool]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None)) as client:
             load = [asyncio.create_task(client.post(f"{url}v1/chat/completions", content=body,
                                                     headers={"content-type": "application/json"}))
                     for _ in range(11)]
-            await asyncio.sleep(0.5)
-            delays = []
+            while not (gate.inside == 8 and gate.waiting == 3):  # every place taken, 3 in line
+                await asyncio.sleep(0.01)
             for _ in range(10):
-                started = time.perf_counter()
                 assert (await client.get(f"{url}health")).status_code == 200
                 assert (await client.get(f"{url}config")).status_code == 200
-                delays.append(time.perf_counter() - started)
-                await asyncio.sleep(0.05)
+            pending = [not task.done() for task in load]
             for task in load:
                 task.cancel()
-            return delays
+            return pending
 
-    delays = asyncio.run(load_and_probe())
-    assert max(delays) < 1.0, delays
+    runner.go.clear()
+    try:
+        pending = asyncio.run(asyncio.wait_for(load_and_probe(), timeout=60))
+    finally:
+        runner.go.set()
+    assert all(pending), "the probes were answered while every request still waited"
     assert wait_until(lambda: app.service.gate.inside == 0, timeout=10)

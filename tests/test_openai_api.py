@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import wait_until
+from conftest import HeldRunner, wait_until
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.server import build_app
 
@@ -25,7 +26,8 @@ def data_url(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(tiny_settings, loaded_tiny):
-    app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=1024, auth="ann:pw"), loaded_tiny)
+    held = replace(loaded_tiny, runner=HeldRunner(loaded_tiny.runner))
+    app = build_app(replace(tiny_settings, cache_size=0, max_new_tokens=1024, auth="ann:pw"), held)
     _, url, _ = app.launch(server_port=None, quiet=True)
     yield app, url
     app.close()
@@ -49,15 +51,42 @@ def test_models_and_auth(served):
 
 
 def test_completion_plain_and_streamed_agree(served):
-    _, url = served
-    client = client_for(url)
-    done = client.chat.completions.create(model="tiny", messages=ask("What is this?", "chart.png"),
-                                          max_tokens=20, temperature=0)
+    """The streamed reply is the plain one, arrives in pieces as it is made, and ends with [DONE].
+
+    The model is held after its first token until that token has reached the client, so the
+    pieces do not depend on how fast this machine generates."""
+    app, url = served
+    done = client_for(url).chat.completions.create(model="tiny", messages=ask("What is this?", "chart.png"),
+                                                   max_tokens=20, temperature=0)
     text = done.choices[0].message.content
     assert text and done.choices[0].finish_reason in ("stop", "length") and done.usage.completion_tokens > 0
-    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny", messages=ask("What is this?", "chart.png"), max_tokens=20, temperature=0, stream=True)]
-    assert len([p for p in pieces if p]) >= 2 and "".join(pieces) == text
+    body = {"model": "tiny", "messages": ask("What is this?", "chart.png"), "max_tokens": 20, "temperature": 0,
+            "stream": True}
+    runner = app.engine.runner
+    runner.go.clear()
+    events: list[str] = []
+    try:
+        with httpx.stream("POST", f"{url}v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": "Bearer pw"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if _content(events[-1]):
+                        runner.go.set()  # the first piece is here: let the model go on
+    finally:
+        runner.go.set()
+    assert events[-1] == "[DONE]"
+    pieces = [_content(event) for event in events[:-1]]
+    assert len([p for p in pieces if p]) >= 2, "the reply came in pieces as it was made"
+    assert "".join(pieces) == text
+
+
+def _content(event: str) -> str:
+    """The text of one streamed chunk (`data: {...}`); "" for [DONE] and chunks without text."""
+    if event == "[DONE]":
+        return ""
+    choices = json.loads(event)["choices"]
+    return (choices[0]["delta"].get("content") or "") if choices else ""
 
 
 def test_api_and_ui_users_share_one_engine_and_batch(served):
