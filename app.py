@@ -12,7 +12,7 @@ import sys
 # Before gradio is imported: a demo that must work offline should not phone home.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from minicpmv_demo.zerogpu import import_spaces_first  # noqa: E402
+from minicpmv_demo.system.zerogpu import import_spaces_first  # noqa: E402
 
 import_spaces_first()  # on a ZeroGPU Space `spaces` must patch torch before anything imports it
 

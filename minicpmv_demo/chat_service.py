@@ -17,7 +17,7 @@ from .chat_input import InputError, InputRules, build_conversation
 from .conversation import DOWNSAMPLE_MODES, MAX_NUM_FRAMES, MAX_SLICE_NUMS, PromptOptions
 from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
 from .engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
-from .gpu import GpuMemory, describe_gpus, process_rss_mb
+from .system.gpu import GpuMemory, describe_gpus, process_rss_mb
 from .images import ImageLimits
 from .videos import VideoLimits
 from .settings import MAX_STREAM_INTERVAL, Settings

@@ -24,9 +24,9 @@ from .chat_input import InputError
 from .chat_service import ASSETS, ChatService
 from .engine import Engine, ReplyError, ReplyStats, SamplingParams
 from .feedback import FeedbackLog
-from .gpu import GpuMemory, process_rss_mb
+from .system.gpu import GpuMemory, process_rss_mb
 from .model import LoadedModel
-from .monitor import ServerMonitor
+from .system.monitor import ServerMonitor
 from .settings import Settings
 from .ui_chat import (LiveReplies, ReplyView, error_note, message_text, question_before, split_last_user_turn,
                       stats_caption, user_bubbles, without_reply)

@@ -12,7 +12,7 @@ import torch
 from conftest import ask, run_concurrently, wait_until
 from minicpmv_demo.chat_service import ChatService
 from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
-from minicpmv_demo.gpu import GpuMemory
+from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model.native import NativeRunner
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicpmv_demo.gpu import (GpuInfo, GpuMemory, GpuReading, describe_gpus, peak_memory_mb,
+from minicpmv_demo.system.gpu import (GpuInfo, GpuMemory, GpuReading, describe_gpus, peak_memory_mb,
                                process_rss_mb, reset_peak_memory, torch_memory)
 
 # GPUtil 1.4 asks for: index, uuid, utilization.gpu, memory.total, memory.used, memory.free,
@@ -165,7 +165,7 @@ def test_readings_are_cached_for_the_ttl(smi):
 def test_errors_are_cached_and_logged_once(smi, caplog):
     smi.install("garbage\n")
     memory = GpuMemory(ttl_s=0)
-    with caplog.at_level(logging.WARNING, logger="minicpmv_demo.gpu"):
+    with caplog.at_level(logging.WARNING, logger="minicpmv_demo.system.gpu"):
         for _ in range(3):
             memory.read()
     assert len(smi.calls) == 3

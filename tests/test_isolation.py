@@ -19,7 +19,7 @@ from minicpmv_demo.chat_service import ChatService
 from minicpmv_demo.conversation import PromptOptions, Turn
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.sampling import sample_for
-from minicpmv_demo.gpu import GpuMemory
+from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model.native import NativeRunner
 from minicpmv_demo.server import build_app
 

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from minicpmv_demo.byte_size import byte_size
-from minicpmv_demo.lru import LruCache
+from minicpmv_demo.system.byte_size import byte_size
+from minicpmv_demo.system.lru import LruCache
 
 
 def test_without_a_size_the_capacity_counts_entries():

@@ -16,7 +16,7 @@ from conftest import ask
 from minicpmv_demo.chat_service import DEFAULT_TOP_P, ChatService
 from minicpmv_demo.conversation import Turn
 from minicpmv_demo.engine import SamplingParams
-from minicpmv_demo.gpu import GpuMemory
+from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model import ModelLoadError, load_model
 from minicpmv_demo.model.legacy import CHAT_SAMPLING
 from minicpmv_demo.model.sampling_defaults import checkpoint_sampling

@@ -122,7 +122,7 @@ def test_a_huge_rotated_jpeg_reports_its_upright_size(tmp_path):
 RELEASE_PROBE = """
 import threading, psutil
 from PIL import Image
-from minicpmv_demo.process_memory import return_large_blocks_on_free
+from minicpmv_demo.system.process_memory import return_large_blocks_on_free
 assert return_large_blocks_on_free()
 rss = lambda: psutil.Process().memory_info().rss
 before = rss()

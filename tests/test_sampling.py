@@ -12,7 +12,7 @@ from conftest import ask
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.engine.sampling import RowSettings, penalize_repetition, sample_for, warp
 from minicpmv_demo.engine.seen_tokens import INITIAL_SLOTS, SeenTokens
-from minicpmv_demo.zerogpu import decode_batch
+from minicpmv_demo.system.zerogpu import decode_batch
 
 VOCAB = 120
 # One batch, every kind of row: greedy, plain sampling, each filter alone, all together.

@@ -16,7 +16,7 @@ from minicpmv_demo.chat_input import InputError, InputRules, build_conversation
 from minicpmv_demo.chat_service import ChatService, upload_root
 from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
-from minicpmv_demo.gpu import GpuMemory
+from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.images import ImageLimits
 from minicpmv_demo.model.native import NativeRunner
 from minicpmv_demo.videos import FRAME_SIDE, VideoLimits, prepare_video, sample_times

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..conversation import Conversation
-from ..gpu import peak_memory_mb, reset_peak_memory
-from ..lru import LruCache
+from ..system.gpu import peak_memory_mb, reset_peak_memory
+from ..system.lru import LruCache
 from .context import ContextError, fit_to_context
 from .detokenizer import IncrementalDecoder
 from .meter import TokenMeter

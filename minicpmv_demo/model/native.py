@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..byte_size import byte_size
+from ..system.byte_size import byte_size
 from ..conversation import Conversation, PromptOptions, Turn
 from ..engine.reasoning_budget import reasoning_tags
-from ..lru import LruCache
+from ..system.lru import LruCache
 from ..reasoning import prompt_opens_reasoning
 from .graphs import capture_decode_graphs
 from .slot_cache import SlotCache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 
-from ..gpu import GpuMemory, GpuReading, without_nan
+from ..system.gpu import GpuMemory, GpuReading, without_nan
 from .probe import BackendProbe
 
 

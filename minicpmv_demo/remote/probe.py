@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from ..gpu import GpuInfo
+from ..system.gpu import GpuInfo
 
 log = logging.getLogger(__name__)
 

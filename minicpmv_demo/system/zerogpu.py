@@ -51,8 +51,8 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
     """
     import torch
 
-    from .engine.sampling import sample_for
-    from .engine.seen_tokens import SeenTokens
+    from ..engine.sampling import sample_for
+    from ..engine.seen_tokens import SeenTokens
     from .gpu import peak_memory_mb, reset_peak_memory
 
     reset_peak_memory()
