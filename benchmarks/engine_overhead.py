@@ -30,9 +30,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from minicpmv_demo.conversation import Conversation, Turn
+    from minicpmv_demo.intake.conversation import Conversation, Turn
     from minicpmv_demo.engine import Engine, SamplingParams
-    from minicpmv_demo.images import prepare_image
+    from minicpmv_demo.intake.images import prepare_image
     from minicpmv_demo.model import load_model
     from minicpmv_demo.settings import Settings
 

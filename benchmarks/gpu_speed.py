@@ -55,9 +55,9 @@ class Bench:
     """The runner, its chats and the two kinds of request, shared by every measurement."""
 
     def __init__(self, args) -> None:
-        from minicpmv_demo.conversation import Conversation, Turn
+        from minicpmv_demo.intake.conversation import Conversation, Turn
         from minicpmv_demo.engine import SamplingParams
-        from minicpmv_demo.images import prepare_image
+        from minicpmv_demo.intake.images import prepare_image
         from minicpmv_demo.model.published_shape import TEMPERATURE, random_published_runner
 
         self.args, self.device = args, args.device

@@ -125,7 +125,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     if args.threads:
         torch.set_num_threads(args.threads)
-    from minicpmv_demo.conversation import Conversation, Turn
+    from minicpmv_demo.intake.conversation import Conversation, Turn
 
     runner = build_runner(args)
     prompt = runner.encode(Conversation(turns=(Turn("user", "Describe a busy street market at noon."),)))

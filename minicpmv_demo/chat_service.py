@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .admission import RequestGate
-from .chat_input import InputError, InputRules, build_conversation
-from .conversation import DOWNSAMPLE_MODES, MAX_NUM_FRAMES, MAX_SLICE_NUMS, PromptOptions
+from .intake.message import InputError, InputRules, build_conversation
+from .intake.conversation import DOWNSAMPLE_MODES, MAX_NUM_FRAMES, MAX_SLICE_NUMS, PromptOptions
 from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
 from .engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
 from .system.gpu import GpuMemory, describe_gpus, process_rss_mb
-from .images import ImageLimits
-from .videos import VideoLimits
+from .intake.images import ImageLimits
+from .intake.videos import VideoLimits
 from .settings import MAX_STREAM_INTERVAL, Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

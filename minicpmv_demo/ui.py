@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import gradio as gr
 import pandas as pd
 
-from .chat_input import InputError
+from .intake.message import InputError
 from .chat_service import ASSETS, ChatService
 from .engine import Engine, ReplyError, ReplyStats, SamplingParams
 from .feedback import FeedbackLog

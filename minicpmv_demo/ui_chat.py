@@ -12,7 +12,7 @@ import html
 import threading
 import time
 
-from .chat_input import content_parts, file_path
+from .intake.message import content_parts, file_path
 from .engine import ReplyStats, ReplyStream
 from .engine.request import FinishReason
 from .reasoning import split_reasoning

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minicpmv_demo.conversation import Conversation, Turn
+from minicpmv_demo.intake.conversation import Conversation, Turn
 from minicpmv_demo.engine import Engine
-from minicpmv_demo.images import prepare_image
+from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model import load_model
 from minicpmv_demo.model.native import NativeRunner
 from minicpmv_demo.settings import Settings

@@ -11,8 +11,8 @@ from PIL import Image
 
 from minicpmv_demo import chat_input
 from minicpmv_demo.system.byte_size import byte_size
-from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
-from minicpmv_demo.images import ImageLimits, prepare_image
+from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
+from minicpmv_demo.intake.images import ImageLimits, prepare_image
 from minicpmv_demo.model import native
 
 

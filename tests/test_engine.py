@@ -291,7 +291,7 @@ def test_identical_greedy_request_is_answered_from_cache(make_engine):
 
 
 def test_long_chat_drops_oldest_turns_with_notice(make_engine, loaded_tiny):
-    from minicpmv_demo.conversation import Turn
+    from minicpmv_demo.intake.conversation import Turn
 
     runner = loaded_tiny.runner
     filler = " ".join(["the picture shows a house"] * 300)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from minicpmv_demo.images import ImageError, ImageLimits, PreparedImage, prepare_image
+from minicpmv_demo.intake.images import ImageError, ImageLimits, PreparedImage, prepare_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -124,7 +124,7 @@ def test_too_small_for_the_configured_minimum(tmp_path):
 
 
 def test_too_many_images_in_one_message(tmp_path):
-    from minicpmv_demo.chat_input import InputError, InputRules, build_conversation
+    from minicpmv_demo.intake.message import InputError, InputRules, build_conversation
 
     paths = [str(save(tmp_path / f"{i}.png", Image.new("RGB", (32, 32), RED))) for i in range(7)]
     rules = InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=(str(tmp_path),))

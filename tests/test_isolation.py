@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import HeldRunner, ask, wait_until
-from minicpmv_demo.chat_input import InputError
+from minicpmv_demo.intake.message import InputError
 from minicpmv_demo.chat_service import ChatService
-from minicpmv_demo.conversation import PromptOptions, Turn
+from minicpmv_demo.intake.conversation import PromptOptions, Turn
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.sampling import sample_for
 from minicpmv_demo.system.gpu import GpuMemory

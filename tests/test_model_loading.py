@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 
 from conftest import ask
 from minicpmv_demo.chat_service import DEFAULT_TOP_P, ChatService
-from minicpmv_demo.conversation import Turn
+from minicpmv_demo.intake.conversation import Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model import ModelLoadError, load_model

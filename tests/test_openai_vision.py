@@ -11,9 +11,9 @@ import pytest
 
 from clips import make_clip
 from conftest import ASSETS, launch_app
-from minicpmv_demo.chat_input import _prepared_videos
-from minicpmv_demo.conversation import PromptOptions
-from minicpmv_demo.images import prepare_image
+from minicpmv_demo.intake.message import _prepared_videos
+from minicpmv_demo.intake.conversation import PromptOptions
+from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model.native import _visual_key
 
 

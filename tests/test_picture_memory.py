@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import wait_until
 from minicpmv_demo import images
-from minicpmv_demo.images import prepare_image
-from minicpmv_demo.pixel_budget import PixelBudget
+from minicpmv_demo.intake.images import prepare_image
+from minicpmv_demo.intake.pixel_budget import PixelBudget
 
 ROOT = Path(__file__).resolve().parent.parent
 

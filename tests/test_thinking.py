@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import launch_app
-from minicpmv_demo.chat_input import InputRules, build_conversation
-from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
+from minicpmv_demo.intake.message import InputRules, build_conversation
+from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.engine.reasoning_budget import ReasoningBudget, ReasoningTags, thinking_limit
-from minicpmv_demo.images import ImageLimits
+from minicpmv_demo.intake.images import ImageLimits
 from minicpmv_demo.model.loading import thinks_by_default
 from minicpmv_demo.model.native import NativeRunner
 from minicpmv_demo.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minicpmv_demo.chat_input import InputRules, build_conversation
+from minicpmv_demo.intake.message import InputRules, build_conversation
 from minicpmv_demo.engine import ReplyStats, ReplyStream
 from minicpmv_demo.engine.request import FinishReason
 from minicpmv_demo.feedback import FeedbackLog
-from minicpmv_demo.images import ImageLimits
+from minicpmv_demo.intake.images import ImageLimits
 from minicpmv_demo.ui_chat import (LiveReplies, ReplyView, error_note, question_before, split_last_user_turn,
                                    stats_caption, user_bubbles)
 

@@ -12,14 +12,14 @@ from PIL import Image
 
 from clips import frame_second, make_clip
 from conftest import asset_image
-from minicpmv_demo.chat_input import InputError, InputRules, build_conversation
+from minicpmv_demo.intake.message import InputError, InputRules, build_conversation
 from minicpmv_demo.chat_service import ChatService, upload_root
-from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
+from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
-from minicpmv_demo.images import ImageLimits
+from minicpmv_demo.intake.images import ImageLimits
 from minicpmv_demo.model.native import NativeRunner
-from minicpmv_demo.videos import FRAME_SIDE, VideoLimits, prepare_video, sample_times
+from minicpmv_demo.intake.videos import FRAME_SIDE, VideoLimits, prepare_video, sample_times
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from conftest import wait_until
-from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
+from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
-from minicpmv_demo.images import prepare_image
+from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model.legacy import LegacyRunner
 from minicpmv_demo.model.native import NativeRunner, _visual_key
 

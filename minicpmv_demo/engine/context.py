@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..conversation import Conversation, Turn
+from ..intake.conversation import Conversation, Turn
 
 # Most extra encodes when the measured turns turn out to be longer than counted (the template
 # adds a few tokens per message that a turn measured alone may not show).

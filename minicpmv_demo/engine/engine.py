@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..conversation import Conversation
+from ..intake.conversation import Conversation
 from ..system.gpu import peak_memory_mb, reset_peak_memory
 from ..system.lru import LruCache
 from .context import ContextError, fit_to_context

@@ -16,7 +16,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..conversation import Conversation, PromptOptions, Turn
+from ..intake.conversation import Conversation, PromptOptions, Turn
 from ..engine.request import SamplingParams
 
 # The MiniCPM-V release's own sampling defaults for chat(): the page starts at them for these

@@ -31,7 +31,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..system.byte_size import byte_size
-from ..conversation import Conversation, PromptOptions, Turn
+from ..intake.conversation import Conversation, PromptOptions, Turn
 from ..engine.reasoning_budget import reasoning_tags
 from ..system.lru import LruCache
 from ..reasoning import prompt_opens_reasoning

@@ -24,7 +24,7 @@ try:  # openai 3.x runs on httpx2; a transport error it does not wrap is one of 
 except ImportError:  # openai 2.x: httpx alone
     HTTP_ERRORS = (httpx.HTTPError,)
 
-from ..conversation import Conversation
+from ..intake.conversation import Conversation
 from ..engine import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from ..engine.meter import TokenMeter
 from ..reasoning import THINK_CLOSE, THINK_OPEN

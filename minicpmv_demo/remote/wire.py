@@ -14,9 +14,9 @@ from fractions import Fraction
 
 import av
 
-from ..conversation import Conversation, PromptOptions
+from ..intake.conversation import Conversation, PromptOptions
 from ..engine import SamplingParams
-from ..videos import PreparedVideo
+from ..intake.videos import PreparedVideo
 
 # Quality of the clip a video's sampled frames are sent as (H.264's constant-rate factor: 18 is
 # visually lossless; the backend samples its frames from it).

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .pixel_budget import PixelBudget
-from .system.process_memory import trim
+from ..system.process_memory import trim
 
 logger = logging.getLogger(__name__)
 
