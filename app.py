@@ -16,7 +16,7 @@ from minicpmv_demo.system.zerogpu import import_spaces_first  # noqa: E402
 
 import_spaces_first()  # on a ZeroGPU Space `spaces` must patch torch before anything imports it
 
-from minicpmv_demo.settings import parse_settings  # noqa: E402  (light: --help stays fast)
+from minicpmv_demo.config.settings import parse_settings  # noqa: E402  (light: --help stays fast)
 
 
 # HTTP clients that log every request at INFO: the backend probe asks every 2 s, and each chat
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     from minicpmv_demo.model import ModelLoadError
     from minicpmv_demo.remote import BackendClientError
-    from minicpmv_demo.server import build_app
+    from minicpmv_demo.web.server import build_app
 
     try:
         app = build_app(settings)

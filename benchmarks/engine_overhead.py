@@ -34,7 +34,7 @@ def main() -> int:
     from minicpmv_demo.engine import Engine, SamplingParams
     from minicpmv_demo.intake.images import prepare_image
     from minicpmv_demo.model import load_model
-    from minicpmv_demo.settings import Settings
+    from minicpmv_demo.config.settings import Settings
 
     loaded = load_model(Settings(model=args.model, dtype=args.dtype, quant=args.quant))
     if loaded.is_tiny:

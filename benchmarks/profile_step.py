@@ -40,7 +40,7 @@ def build_runner(args):
             f"({len(runner.model.config.text_config.layer_types)} text layers), {args.dtype} on {args.device}")
         return runner
     from minicpmv_demo.model import load_model
-    from minicpmv_demo.settings import Settings
+    from minicpmv_demo.config.settings import Settings
 
     loaded = load_model(Settings(model="tiny"))
     say("the built-in tiny model, CPU")

@@ -30,8 +30,8 @@ def main() -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from playwright.sync_api import sync_playwright
 
-    from minicpmv_demo.server import build_app
-    from minicpmv_demo.settings import Settings
+    from minicpmv_demo.web.server import build_app
+    from minicpmv_demo.config.settings import Settings
 
     app = build_app(Settings(model="tiny", cache_size=0))
     _, url, _ = app.launch(server_port=None, quiet=True)

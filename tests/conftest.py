@@ -22,7 +22,7 @@ from minicpmv_demo.engine import Engine
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model import load_model
 from minicpmv_demo.model.native import NativeRunner
-from minicpmv_demo.settings import Settings
+from minicpmv_demo.config.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -81,7 +81,7 @@ class HeldRunner(NativeRunner):
 
 def launch_app(settings: Settings, loaded):
     """A real app on a free loopback port; returns it and its URL (close it when done)."""
-    from minicpmv_demo.server import build_app
+    from minicpmv_demo.web.server import build_app
 
     app = build_app(settings, loaded)
     _, url, _ = app.launch(server_port=None, quiet=True)

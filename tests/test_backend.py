@@ -19,8 +19,8 @@ from conftest import HeldRunner, wait_until
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.remote import BackendProbe, RemoteEngine
 from minicpmv_demo.remote.probe import prometheus_values
-from minicpmv_demo.server import build_app
-from minicpmv_demo.settings import Settings
+from minicpmv_demo.web.server import build_app
+from minicpmv_demo.config.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 GREEDY = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0}

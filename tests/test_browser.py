@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from conftest import HeldRunner
-from minicpmv_demo.server import build_app
-from minicpmv_demo.ui_style import FAVICON
+from minicpmv_demo.web.server import build_app
+from minicpmv_demo.web.style import FAVICON
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

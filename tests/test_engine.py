@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ask, run_concurrently, wait_until
-from minicpmv_demo.chat_service import ChatService
+from minicpmv_demo.web.chat_service import ChatService
 from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model.native import NativeRunner

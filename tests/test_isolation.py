@@ -15,13 +15,13 @@ import torch
 
 from conftest import HeldRunner, ask, wait_until
 from minicpmv_demo.intake.message import InputError
-from minicpmv_demo.chat_service import ChatService
+from minicpmv_demo.web.chat_service import ChatService
 from minicpmv_demo.intake.conversation import PromptOptions, Turn
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.sampling import sample_for
 from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model.native import NativeRunner
-from minicpmv_demo.server import build_app
+from minicpmv_demo.web.server import build_app
 
 GREEDY = SamplingParams(max_new_tokens=16)
 QUESTIONS = [ask(f"Question number {i} about the picture?", name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from minicpmv_demo.login_throttle import LoginThrottle
+from minicpmv_demo.web.login_throttle import LoginThrottle
 
 
 def test_cools_down_and_stays_bounded():

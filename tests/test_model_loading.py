@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig
 
 from conftest import ask
-from minicpmv_demo.chat_service import DEFAULT_TOP_P, ChatService
+from minicpmv_demo.web.chat_service import DEFAULT_TOP_P, ChatService
 from minicpmv_demo.intake.conversation import Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
@@ -21,7 +21,7 @@ from minicpmv_demo.model import ModelLoadError, load_model
 from minicpmv_demo.model.legacy import CHAT_SAMPLING
 from minicpmv_demo.model.sampling_defaults import checkpoint_sampling
 from minicpmv_demo.model.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model, save_checkpoint
-from minicpmv_demo.settings import Settings
+from minicpmv_demo.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

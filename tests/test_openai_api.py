@@ -14,7 +14,7 @@ from gradio_client import Client, handle_file
 
 from conftest import HeldRunner, wait_until
 from minicpmv_demo.engine import SamplingParams
-from minicpmv_demo.server import build_app
+from minicpmv_demo.web.server import build_app
 
 openai = pytest.importorskip("openai")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

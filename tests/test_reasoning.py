@@ -1,6 +1,6 @@
 """Splitting a streamed reply into reasoning and answer."""
 
-from minicpmv_demo.reasoning import ReplyParts, split_reasoning
+from minicpmv_demo.engine.reasoning import ReplyParts, split_reasoning
 
 
 def test_a_prompt_that_opened_think_starts_the_reply_in_reasoning():

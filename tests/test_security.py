@@ -10,8 +10,8 @@ import pytest
 from gradio_client import Client, handle_file
 
 from conftest import launch_app
-from minicpmv_demo.server import share_warning
-from minicpmv_demo.settings import Settings
+from minicpmv_demo.web.server import share_warning
+from minicpmv_demo.config.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

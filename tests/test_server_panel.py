@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from minicpmv_demo.server import build_app
-from minicpmv_demo.ui import _panel_html
+from minicpmv_demo.web.server import build_app
+from minicpmv_demo.web.page import _panel_html
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 FAKE_GPUS = ("0, GPU-aaaa, 37, 23028, 10240, 12788, 550.54, NVIDIA A10G, 1324, Disabled, Enabled, 61\\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minicpmv_demo.settings import Settings, parse_settings
+from minicpmv_demo.config.settings import Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

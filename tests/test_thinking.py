@@ -19,8 +19,8 @@ from minicpmv_demo.engine.reasoning_budget import ReasoningBudget, ReasoningTags
 from minicpmv_demo.intake.images import ImageLimits
 from minicpmv_demo.model.loading import thinks_by_default
 from minicpmv_demo.model.native import NativeRunner
-from minicpmv_demo.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning
-from minicpmv_demo.settings import parse_settings
+from minicpmv_demo.engine.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning
+from minicpmv_demo.config.settings import parse_settings
 
 openai = pytest.importorskip("openai")
 

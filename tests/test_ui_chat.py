@@ -9,9 +9,9 @@ from pathlib import Path
 from minicpmv_demo.intake.message import InputRules, build_conversation
 from minicpmv_demo.engine import ReplyStats, ReplyStream
 from minicpmv_demo.engine.request import FinishReason
-from minicpmv_demo.feedback import FeedbackLog
+from minicpmv_demo.web.feedback import FeedbackLog
 from minicpmv_demo.intake.images import ImageLimits
-from minicpmv_demo.ui_chat import (LiveReplies, ReplyView, error_note, question_before, split_last_user_turn,
+from minicpmv_demo.web.chat_view import (LiveReplies, ReplyView, error_note, question_before, split_last_user_turn,
                                    stats_caption, user_bubbles)
 
 RULES = InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=("/nonexistent",))

@@ -13,7 +13,7 @@ from PIL import Image
 from clips import frame_second, make_clip
 from conftest import asset_image
 from minicpmv_demo.intake.message import InputError, InputRules, build_conversation
-from minicpmv_demo.chat_service import ChatService, upload_root
+from minicpmv_demo.web.chat_service import ChatService, upload_root
 from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..reasoning import THINK_CLOSE, THINK_OPEN
+from .reasoning import THINK_CLOSE, THINK_OPEN
 
 # The answer keeps at least this share of a reply's max_new_tokens: reasoning never takes it all.
 ANSWER_SHARE = 4  # reasoning gets at most 3/4

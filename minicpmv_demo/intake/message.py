@@ -20,7 +20,7 @@ from ..system.byte_size import byte_size
 from .conversation import Conversation, PromptOptions, Turn
 from .images import ImageError, ImageLimits, PreparedImage, prepare_image
 from ..system.lru import LruCache
-from ..reasoning import without_reasoning
+from ..engine.reasoning import without_reasoning
 from .videos import PreparedVideo, VideoError, VideoLimits, is_video_path, prepare_video
 
 

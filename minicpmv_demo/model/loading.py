@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..settings import TINY_MODEL, Settings
+from ..config.settings import TINY_MODEL, Settings
 from .legacy import CHAT_SAMPLING, LegacyRunner
 from .native import NativeRunner
 from .sampling_defaults import checkpoint_sampling

@@ -34,7 +34,7 @@ from ..system.byte_size import byte_size
 from ..intake.conversation import Conversation, PromptOptions, Turn
 from ..engine.reasoning_budget import reasoning_tags
 from ..system.lru import LruCache
-from ..reasoning import prompt_opens_reasoning
+from ..engine.reasoning import prompt_opens_reasoning
 from .graphs import capture_decode_graphs
 from .slot_cache import SlotCache
 

@@ -27,7 +27,7 @@ except ImportError:  # openai 2.x: httpx alone
 from ..intake.conversation import Conversation
 from ..engine import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from ..engine.meter import TokenMeter
-from ..reasoning import THINK_CLOSE, THINK_OPEN
+from ..engine.reasoning import THINK_CLOSE, THINK_OPEN
 from .probe import BackendProbe
 from .wire import request_body
 

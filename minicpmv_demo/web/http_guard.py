@@ -25,7 +25,7 @@ from starlette.formparsers import MultiPartException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .login_throttle import LoginThrottle
-from .settings import Settings
+from ..config.settings import Settings
 
 MB = 1024 * 1024
 MULTIPART_SLACK = MB  # part headers and boundaries around the files of one upload request

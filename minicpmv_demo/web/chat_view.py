@@ -12,10 +12,10 @@ import html
 import threading
 import time
 
-from .intake.message import content_parts, file_path
-from .engine import ReplyStats, ReplyStream
-from .engine.request import FinishReason
-from .reasoning import split_reasoning
+from ..intake.message import content_parts, file_path
+from ..engine import ReplyStats, ReplyStream
+from ..engine.request import FinishReason
+from ..engine.reasoning import split_reasoning
 
 # A caption has `metadata` without a title: display-only for the model, and shown by the
 # Chatbot as a plain (styled) message instead of a collapsible block with a chevron.

@@ -34,12 +34,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .admission import Busy
-from .intake.message import InputError, content_parts
+from ..intake.message import InputError, content_parts
 from .chat_service import ChatService, upload_root
-from .engine import FinishReason, ReplyError, ReplyStream, SamplingParams
+from ..engine import FinishReason, ReplyError, ReplyStream, SamplingParams
 from .http_guard import api_key_ok
-from .reasoning import split_reasoning
-from .intake.videos import VIDEO_MIME_SUFFIXES
+from ..engine.reasoning import split_reasoning
+from ..intake.videos import VIDEO_MIME_SUFFIXES
 
 MAX_DATA_URL_BYTES = 30 * 1024 * 1024
 # Seconds a client told "busy" is asked to wait before trying again.

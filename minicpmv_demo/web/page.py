@@ -20,17 +20,17 @@ from collections.abc import Iterator
 import gradio as gr
 import pandas as pd
 
-from .intake.message import InputError
+from ..intake.message import InputError
 from .chat_service import ASSETS, ChatService
-from .engine import Engine, ReplyError, ReplyStats, SamplingParams
+from ..engine import Engine, ReplyError, ReplyStats, SamplingParams
 from .feedback import FeedbackLog
-from .system.gpu import GpuMemory, process_rss_mb
-from .model import LoadedModel
-from .system.monitor import ServerMonitor
-from .settings import Settings
-from .ui_chat import (LiveReplies, ReplyView, error_note, message_text, question_before, split_last_user_turn,
+from ..system.gpu import GpuMemory, process_rss_mb
+from ..model import LoadedModel
+from ..system.monitor import ServerMonitor
+from ..config.settings import Settings
+from .chat_view import (LiveReplies, ReplyView, error_note, message_text, question_before, split_last_user_turn,
                       stats_caption, user_bubbles, without_reply)
-from .ui_style import PAGE_TITLE
+from .style import PAGE_TITLE
 
 CHAT_GROUP = "model"  # the one concurrency group of every event that reaches the engine
 VIDEO_TYPES = [".mp4", ".webm", ".mov"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PAGE_TITLE = "MiniCPM-V chat"
-FAVICON = Path(__file__).resolve().parent.parent / "assets" / "favicon.png"
+FAVICON = Path(__file__).resolve().parents[2] / "assets" / "favicon.png"
 TEXT_SECONDARY = "#4b5563"
 
 PAGE_CSS = f"""

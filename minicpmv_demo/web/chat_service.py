@@ -13,16 +13,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .admission import RequestGate
-from .intake.message import InputError, InputRules, build_conversation
-from .intake.conversation import DOWNSAMPLE_MODES, MAX_NUM_FRAMES, MAX_SLICE_NUMS, PromptOptions
-from .engine import Engine, ReplyStats, ReplyStream, SamplingParams
-from .engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
-from .system.gpu import GpuMemory, describe_gpus, process_rss_mb
-from .intake.images import ImageLimits
-from .intake.videos import VideoLimits
-from .settings import MAX_STREAM_INTERVAL, Settings
+from ..intake.message import InputError, InputRules, build_conversation
+from ..intake.conversation import DOWNSAMPLE_MODES, MAX_NUM_FRAMES, MAX_SLICE_NUMS, PromptOptions
+from ..engine import Engine, ReplyStats, ReplyStream, SamplingParams
+from ..engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
+from ..system.gpu import GpuMemory, describe_gpus, process_rss_mb
+from ..intake.images import ImageLimits
+from ..intake.videos import VideoLimits
+from ..config.settings import MAX_STREAM_INTERVAL, Settings
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 # What the page starts with for the settings the checkpoint does not name.
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.8

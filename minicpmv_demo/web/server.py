@@ -16,19 +16,19 @@ from fastapi.responses import JSONResponse
 from starlette.middleware import Middleware
 
 from .chat_service import ChatService
-from .engine import Engine
-from .system.gpu import GpuMemory
+from ..engine import Engine
+from ..system.gpu import GpuMemory
 from .http_guard import HttpGuard
-from .model import LoadedModel, load_model
-from .system.monitor import ServerMonitor
-from .openai_api import add_openai_routes
-from .system.process_memory import return_large_blocks_on_free
-from .remote import BackendClientError, BackendProbe, RemoteEngine
-from .remote.memory import BackendMemory
-from .settings import Settings
-from .ui import build_ui
-from .ui_style import FAVICON, PAGE_CSS
-from .system.zerogpu import zerogpu_batch_call
+from ..model import LoadedModel, load_model
+from ..system.monitor import ServerMonitor
+from .openai_routes import add_openai_routes
+from ..system.process_memory import return_large_blocks_on_free
+from ..remote import BackendClientError, BackendProbe, RemoteEngine
+from ..remote.memory import BackendMemory
+from ..config.settings import Settings
+from .page import build_ui
+from .style import FAVICON, PAGE_CSS
+from ..system.zerogpu import zerogpu_batch_call
 
 log = logging.getLogger(__name__)
 

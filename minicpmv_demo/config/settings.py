@@ -236,7 +236,7 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--backend-timeout must be positive")
     if settings.max_video_mb <= 0 or settings.max_video_seconds <= 0:
         problems.append("--max-video-mb and --max-video-seconds must be positive")
-    from .intake.conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries
+    from ..intake.conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries
 
     if not 1 <= settings.video_frames <= settings.max_video_frames <= MAX_NUM_FRAMES:
         problems.append(f"--video-frames and --max-video-frames must satisfy 1 <= --video-frames <= "

@@ -1,0 +1,1 @@
+"""The server's settings: one typed object, from the command line and the environment."""
