@@ -208,7 +208,7 @@ def token_counter(model: str):
     from transformers import AutoTokenizer
 
     if model in ("tiny", "auto"):
-        from minicpmv_demo.model.tiny import ensure_tiny_model
+        from minicpmv_demo.model.minicpmv4.tiny import ensure_tiny_model
 
         model = str(ensure_tiny_model())
     tokenizer = AutoTokenizer.from_pretrained(model)

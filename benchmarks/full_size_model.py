@@ -43,8 +43,8 @@ def build(folder: Path, text_layers: int, vision_layers: int, device: str) -> tu
     """
     from transformers import MiniCPMV4_6ForConditionalGeneration
 
-    from minicpmv_demo.model.published_shape import PROCESSOR, published_config
-    from minicpmv_demo.model.tiny import (
+    from minicpmv_demo.model.minicpmv4.published_shape import PROCESSOR, published_config
+    from minicpmv_demo.model.minicpmv4.tiny import (
         build_processor,
         build_word_tokenizer,
         multimodal_token_ids,

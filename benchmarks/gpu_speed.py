@@ -58,7 +58,7 @@ class Bench:
         from minicpmv_demo.intake.conversation import Conversation, Turn
         from minicpmv_demo.engine import SamplingParams
         from minicpmv_demo.intake.images import prepare_image
-        from minicpmv_demo.model.published_shape import TEMPERATURE, random_published_runner
+        from minicpmv_demo.model.minicpmv4.published_shape import TEMPERATURE, random_published_runner
 
         self.args, self.device = args, args.device
         say(f"building the published shape on {args.device} ({args.dtype}, random weights)...")

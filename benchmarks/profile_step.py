@@ -32,7 +32,7 @@ def say(message: str) -> None:
 
 def build_runner(args):
     if args.published:
-        from minicpmv_demo.model.published_shape import random_published_runner
+        from minicpmv_demo.model.minicpmv4.published_shape import random_published_runner
 
         runner, params, _ = random_published_runner(args.device, getattr(torch, args.dtype), args.text_layers,
                                                     args.vision_layers)

@@ -21,7 +21,7 @@ from minicpmv_demo.intake.conversation import Conversation, Turn
 from minicpmv_demo.engine import Engine
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model import load_model
-from minicpmv_demo.model.native import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import NativeRunner
 from minicpmv_demo.config.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

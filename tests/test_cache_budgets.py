@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minicpmv_demo import chat_input
+from minicpmv_demo.intake import message
 from minicpmv_demo.system.byte_size import byte_size
 from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.intake.images import ImageLimits, prepare_image
-from minicpmv_demo.model import native
+from minicpmv_demo.model.minicpmv4 import runner as native
 
 
 def picture(path: Path, side: int, index: int) -> Path:
@@ -26,12 +26,12 @@ def picture(path: Path, side: int, index: int) -> Path:
 
 
 def test_checked_pictures_are_bounded_by_bytes(tmp_path):
-    rules = chat_input.InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=(str(tmp_path),))
-    cache = chat_input._prepared
+    rules = message.InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=(str(tmp_path),))
+    cache = message._prepared
     full_size = 1344 * 1344 * 4  # one full-size picture as Pillow keeps it
     for index in range(cache.capacity // full_size + 2):
         path = picture(tmp_path / f"photo-{index}.png", 1344, index)
-        chat_input.build_conversation({"text": "?", "files": [str(path)]}, [], system_prompt="", rules=rules)
+        message.build_conversation({"text": "?", "files": [str(path)]}, [], system_prompt="", rules=rules)
     assert cache.capacity == 32 * 2**20
     assert cache.capacity - full_size < cache.total <= cache.capacity
 

@@ -13,7 +13,7 @@ from conftest import ask, run_concurrently, wait_until
 from minicpmv_demo.web.chat_service import ChatService
 from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
-from minicpmv_demo.model.native import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import NativeRunner
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
 QUESTIONS = [

@@ -257,16 +257,16 @@ def test_pillow_global_state_is_left_alone(tmp_path):
 
 
 def test_the_same_picture_is_prepared_once_whatever_its_path(tmp_path, monkeypatch):
-    from minicpmv_demo import chat_input
+    from minicpmv_demo.intake import message
 
     calls = []
-    real = chat_input.prepare_image
-    monkeypatch.setattr(chat_input, "prepare_image", lambda path, limits: calls.append(path) or real(path, limits))
-    rules = chat_input.InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=(str(tmp_path),))
+    real = message.prepare_image
+    monkeypatch.setattr(message, "prepare_image", lambda path, limits: calls.append(path) or real(path, limits))
+    rules = message.InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=(str(tmp_path),))
     picture = Image.effect_noise((64, 48), 40).convert("RGB")
     for folder in ("upload-1", "upload-2"):  # the same file uploaded twice lands in two folders
         (tmp_path / folder).mkdir()
         save(tmp_path / folder / "photo.png", picture)
-        chat_input.build_conversation({"text": "?", "files": [str(tmp_path / folder / "photo.png")]}, [],
-                                      system_prompt="", rules=rules)
+        message.build_conversation({"text": "?", "files": [str(tmp_path / folder / "photo.png")]}, [],
+                                   system_prompt="", rules=rules)
     assert len(calls) == 1

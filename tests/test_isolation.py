@@ -20,7 +20,7 @@ from minicpmv_demo.intake.conversation import PromptOptions, Turn
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.sampling import sample_for
 from minicpmv_demo.system.gpu import GpuMemory
-from minicpmv_demo.model.native import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import NativeRunner
 from minicpmv_demo.web.server import build_app
 
 GREEDY = SamplingParams(max_new_tokens=16)

@@ -20,7 +20,7 @@ from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model import ModelLoadError, load_model
 from minicpmv_demo.model.legacy import CHAT_SAMPLING
 from minicpmv_demo.model.sampling_defaults import checkpoint_sampling
-from minicpmv_demo.model.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model, save_checkpoint
+from minicpmv_demo.model.minicpmv4.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model, save_checkpoint
 from minicpmv_demo.config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from conftest import ASSETS, launch_app
 from minicpmv_demo.intake.message import _prepared_videos
 from minicpmv_demo.intake.conversation import PromptOptions
 from minicpmv_demo.intake.images import prepare_image
-from minicpmv_demo.model.native import _visual_key
+from minicpmv_demo.model.minicpmv4.runner import _visual_key
 
 
 @pytest.fixture(scope="module")

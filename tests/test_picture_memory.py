@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import wait_until
-from minicpmv_demo import images
+from minicpmv_demo.intake import images
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.intake.pixel_budget import PixelBudget
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import MiniCPMV4_6ForConditionalGeneration
 
-from minicpmv_demo.model.published_shape import published_config
+from minicpmv_demo.model.minicpmv4.published_shape import published_config
 
 
 def parameters(config) -> int:

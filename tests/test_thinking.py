@@ -18,7 +18,7 @@ from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.engine.reasoning_budget import ReasoningBudget, ReasoningTags, thinking_limit
 from minicpmv_demo.intake.images import ImageLimits
 from minicpmv_demo.model.loading import thinks_by_default
-from minicpmv_demo.model.native import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import NativeRunner
 from minicpmv_demo.engine.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning
 from minicpmv_demo.config.settings import parse_settings
 

@@ -18,7 +18,7 @@ from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.intake.images import ImageLimits
-from minicpmv_demo.model.native import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import NativeRunner
 from minicpmv_demo.intake.videos import FRAME_SIDE, VideoLimits, prepare_video, sample_times
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)

@@ -18,7 +18,7 @@ from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model.legacy import LegacyRunner
-from minicpmv_demo.model.native import NativeRunner, _visual_key
+from minicpmv_demo.model.minicpmv4.runner import NativeRunner, _visual_key
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 

@@ -17,9 +17,9 @@ import torch
 
 from ..config.settings import TINY_MODEL, Settings
 from .legacy import CHAT_SAMPLING, LegacyRunner
-from .native import NativeRunner
+from .minicpmv4.runner import NativeRunner
 from .sampling_defaults import checkpoint_sampling
-from .tiny import ensure_tiny_model
+from .minicpmv4.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..model.tiny import default_cache_dir
+from ..model.minicpmv4.tiny import default_cache_dir
 
 
 def default_feedback_path() -> Path:

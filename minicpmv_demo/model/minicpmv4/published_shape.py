@@ -50,7 +50,7 @@ def random_published_runner(device: str, dtype, text_layers: int = 0, vision_lay
     import torch
     from transformers import MiniCPMV4_6ForConditionalGeneration
 
-    from .native import NativeRunner
+    from .runner import NativeRunner
     from .tiny import build_processor, build_word_tokenizer, multimodal_token_ids
 
     config = published_config(text_layers, vision_layers)

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..system.byte_size import byte_size
-from ..intake.conversation import Conversation, PromptOptions, Turn
-from ..engine.reasoning_budget import reasoning_tags
-from ..system.lru import LruCache
-from ..engine.reasoning import prompt_opens_reasoning
-from .graphs import capture_decode_graphs
-from .slot_cache import SlotCache
+from ...system.byte_size import byte_size
+from ...intake.conversation import Conversation, PromptOptions, Turn
+from ...engine.reasoning_budget import reasoning_tags
+from ...system.lru import LruCache
+from ...engine.reasoning import prompt_opens_reasoning
+from ..graphs import capture_decode_graphs
+from ..slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
 
