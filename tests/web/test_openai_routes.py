@@ -17,7 +17,7 @@ from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.web.server import build_app
 
 openai = pytest.importorskip("openai")
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def data_url(name: str) -> str:

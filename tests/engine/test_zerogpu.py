@@ -12,7 +12,7 @@ from conftest import ask
 from minicpmv_demo.engine import FinishReason, SamplingParams
 from minicpmv_demo.system.zerogpu import decode_batch, zerogpu_batch_call
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(max_new_tokens=20)
 
 

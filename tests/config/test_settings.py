@@ -11,7 +11,7 @@ import pytest
 
 from minicpmv_demo.config.settings import Settings, parse_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_env_and_flags():

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import launch_app
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 MB = 1024 * 1024
 CHUNK = b"a" * MB
 KEY = {"Authorization": "Bearer pw"}

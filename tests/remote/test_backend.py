@@ -22,7 +22,7 @@ from minicpmv_demo.remote.probe import prometheus_values
 from minicpmv_demo.web.server import build_app
 from minicpmv_demo.config.settings import Settings
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 GREEDY = {"max_new_tokens": 24, "temperature": 0.0, "top_p": 1.0}
 
 

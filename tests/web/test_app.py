@@ -10,7 +10,7 @@ from conftest import HeldRunner, launch_app, run_concurrently, wait_until
 from gradio_client import Client, handle_file
 
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 

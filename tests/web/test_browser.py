@@ -23,7 +23,7 @@ from minicpmv_demo.web.style import FAVICON
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DESKTOP, PHONE = (1366, 900), (390, 844)
 # Gradio's error states: the red overlay of a failed event and an error toast.
 ERROR_STATES = "[data-testid='status-tracker'] .error, .toast-body.error"

@@ -13,7 +13,7 @@ from conftest import launch_app
 from minicpmv_demo.web.server import share_warning
 from minicpmv_demo.config.settings import Settings
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 

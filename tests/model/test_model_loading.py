@@ -23,7 +23,7 @@ from minicpmv_demo.model.sampling_defaults import checkpoint_sampling
 from minicpmv_demo.model.minicpmv4.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model, save_checkpoint
 from minicpmv_demo.config.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_model_is_the_real_architecture_and_deterministic(loaded_tiny, tmp_path):

@@ -17,7 +17,7 @@ from minicpmv_demo.intake import images
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.intake.pixel_budget import PixelBudget
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pattern(width: int, height: int, index: int = 0) -> Image.Image:

@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 from minicpmv_demo.web.server import build_app
 from minicpmv_demo.web.page import _panel_html
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 FAKE_GPUS = ("0, GPU-aaaa, 37, 23028, 10240, 12788, 550.54, NVIDIA A10G, 1324, Disabled, Enabled, 61\\n"
              "1, GPU-bbbb, 5, 16384, 1024, 15360, 550.54, Tesla T4, 1325, Disabled, Enabled, 40\\n")
 
