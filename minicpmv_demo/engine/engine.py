@@ -27,6 +27,7 @@ from ..intake.conversation import Conversation
 from ..system.gpu import peak_memory_mb, reset_peak_memory
 from ..system.lru import LruCache
 from .context import ContextError, fit_to_context
+from .contract import EngineState
 from .detokenizer import IncrementalDecoder
 from .meter import TokenMeter
 from .reasoning_budget import ReasoningBudget, budget_for
@@ -201,18 +202,12 @@ class Engine:
         """Requests generating right now (a cheap read, safe from any thread)."""
         return len(self._rows)
 
-    def state(self) -> dict:
+    def state(self) -> EngineState:
         """A cheap snapshot for status panels: never waits for the engine thread."""
-        return {
-            "alive": self.alive,
-            "queue_depth": len(self._waiting) + bool(self._piecewise),  # a prompt in pieces waits too
-            "batch_size": self.active_rows,
-            "batch_ceiling": self.ceiling,
-            "max_batch": self.max_batch,
-            "tokens_per_s": self.meter.per_second(),
-            "cache_hits": self.reply_cache.hits,
-            "restarts": self.restarts,
-        }
+        return EngineState(alive=self.alive, queue_depth=len(self._waiting) + bool(self._piecewise),  # a prompt
+                           batch_size=self.active_rows, batch_ceiling=self.ceiling,  # in pieces waits too
+                           max_batch=self.max_batch, tokens_per_s=self.meter.per_second(),
+                           cache_hits=self.reply_cache.hits, restarts=self.restarts)
 
     def _cache_key(self, conversation: Conversation, params: SamplingParams) -> str | None:
         if not params.greedy or self.reply_cache.capacity <= 0:

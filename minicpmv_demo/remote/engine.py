@@ -26,6 +26,7 @@ except ImportError:  # openai 2.x: httpx alone
 
 from ..intake.conversation import Conversation
 from ..engine import FinishReason, ReplyStats, ReplyStream, SamplingParams
+from ..engine.contract import BackendState, EngineState
 from ..engine.meter import TokenMeter
 from ..engine.reasoning import THINK_CLOSE, THINK_OPEN
 from .probe import BackendProbe
@@ -104,21 +105,18 @@ class RemoteEngine:
     def active_rows(self) -> int:
         return self._active
 
-    def state(self) -> dict:
-        """The same keys as the local engine's, from the backend's last answer where it gave one."""
+    def state(self) -> EngineState:
+        """What the local engine reports, from the backend's last answer where it gave one."""
         status = self.probe.status
-        return {
-            "alive": status.reachable,
-            "queue_depth": status.queue_depth if status.queue_depth is not None else 0,
-            "batch_size": status.batch_size if status.batch_size is not None else self._active,
-            "batch_ceiling": status.batch_ceiling or self.max_batch,
-            "max_batch": status.batch_ceiling or self.max_batch,
-            "tokens_per_s": self.meter.per_second(),
-            "cache_hits": 0,
-            "restarts": self.restarts,
-            "backend": {"url": self.probe.base_url, "reachable": status.reachable, "error": status.error,
-                        "kind": status.kind, "model": status.model},
-        }
+        return EngineState(
+            alive=status.reachable,
+            queue_depth=status.queue_depth if status.queue_depth is not None else 0,
+            batch_size=status.batch_size if status.batch_size is not None else self._active,
+            batch_ceiling=status.batch_ceiling or self.max_batch,
+            max_batch=status.batch_ceiling or self.max_batch,
+            tokens_per_s=self.meter.per_second(), cache_hits=0, restarts=self.restarts,
+            backend=BackendState(url=self.probe.base_url, reachable=status.reachable, error=status.error,
+                                 kind=status.kind, model=status.model))
 
     # -- the loop's side -----------------------------------------------------------------------
     async def _reply(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream) -> None:

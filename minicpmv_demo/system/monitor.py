@@ -48,5 +48,5 @@ class ServerMonitor:
         reading = self.gpu.read()
         state = self.engine.state()
         used = sum(g.memory_used_mb for g in reading.gpus) if reading.gpus else process_rss_mb()
-        return Sample(time=time.time(), gpu_used_mb=used, tokens_per_s=state["tokens_per_s"],
-                      queue_depth=state["queue_depth"], batch_size=state["batch_size"])
+        return Sample(time=time.time(), gpu_used_mb=used, tokens_per_s=state.tokens_per_s,
+                      queue_depth=state.queue_depth, batch_size=state.batch_size)

@@ -15,7 +15,8 @@ from pathlib import Path
 from .admission import RequestGate
 from ..intake.message import InputError, InputRules, build_conversation
 from ..intake.conversation import DOWNSAMPLE_MODES, MAX_NUM_FRAMES, MAX_SLICE_NUMS, PromptOptions
-from ..engine import Engine, ReplyStats, ReplyStream, SamplingParams
+from ..engine import ReplyStats, ReplyStream, SamplingParams
+from ..engine.contract import ServingEngine
 from ..engine.request import MAX_REPETITION_PENALTY, MAX_TEMPERATURE
 from ..system.gpu import GpuMemory, describe_gpus, process_rss_mb
 from ..intake.images import ImageLimits
@@ -31,7 +32,7 @@ DEFAULT_TOP_P = 0.8
 class ChatService:
     """Checks requests and submits them to the engine with the server's limits."""
 
-    def __init__(self, engine: Engine, settings: Settings, gpu: GpuMemory,
+    def __init__(self, engine: ServingEngine, settings: Settings, gpu: GpuMemory,
                  checkpoint_sampling: Mapping[str, float] | None = None) -> None:
         """`checkpoint_sampling`: the sampling settings the checkpoint names (see
         `LoadedModel.sampling_defaults`); they become `defaults`, clamped like a client's."""
@@ -139,8 +140,9 @@ class ChatService:
         """What /gpu_memory returns: GPUs, torch counters, process memory, engine queue and batch."""
         snapshot = self.gpu.snapshot()
         state = self.engine.state()
-        snapshot["engine"] = {key: state[key] for key in ("queue_depth", "batch_size", "batch_ceiling",
-                                                           "tokens_per_s", "alive")}
+        snapshot["engine"] = {"queue_depth": state.queue_depth, "batch_size": state.batch_size,
+                              "batch_ceiling": state.batch_ceiling, "tokens_per_s": state.tokens_per_s,
+                              "alive": state.alive}
         return snapshot
 
     def stats_line(self, stats: ReplyStats) -> str:

@@ -22,7 +22,8 @@ import pandas as pd
 
 from ..intake.message import InputError
 from .chat_service import ASSETS, ChatService
-from ..engine import Engine, ReplyError, ReplyStats, SamplingParams
+from ..engine import ReplyError, ReplyStats, SamplingParams
+from ..engine.contract import ServingEngine
 from .feedback import FeedbackLog
 from ..system.gpu import GpuMemory, process_rss_mb
 from ..model import LoadedModel
@@ -373,7 +374,7 @@ def _example_message(selected: gr.SelectData) -> dict:
     return {"text": value.get("text", ""), "files": files}
 
 
-def _panel_html(gpu: GpuMemory, engine: Engine) -> str:
+def _panel_html(gpu: GpuMemory, engine: ServingEngine) -> str:
     """The live side panel: one bar per GPU, then the engine's state."""
     reading = gpu.read()
     parts = ["<div class='server-panel'><b>Server</b>"]
@@ -396,10 +397,10 @@ def _panel_html(gpu: GpuMemory, engine: Engine) -> str:
     if not reading.gpus and reading.note is None:
         parts.append(f"<div>process memory {process_rss_mb():,.0f} MB</div>")
     state = engine.state()
-    health = "running" if state["alive"] else "<b>stopped</b>"
-    parts.append(f"<div class='engine-line'>engine {health} · queue {state['queue_depth']} · "
-                 f"batch {state['batch_size']}/{state['batch_ceiling']}</div>"
-                 f"<div>{state['tokens_per_s']:.0f} tok/s over all replies, last 5 s "
+    health = "running" if state.alive else "<b>stopped</b>"
+    parts.append(f"<div class='engine-line'>engine {health} · queue {state.queue_depth} · "
+                 f"batch {state.batch_size}/{state.batch_ceiling}</div>"
+                 f"<div>{state.tokens_per_s:.0f} tok/s over all replies, last 5 s "
                  f"(a reply's own speed is under it)</div></div>")
     return "".join(parts)
 

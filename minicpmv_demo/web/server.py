@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import anyio
 import gradio as gr
@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 
 from .chat_service import ChatService
 from ..engine import Engine
+from ..engine.contract import ServingEngine
 from ..system.gpu import GpuMemory
 from .http_guard import HttpGuard
 from ..model import LoadedModel, load_model
@@ -40,7 +41,7 @@ SHARE_WARNING = ("WARNING: --share makes this demo public (anyone with the link 
 class App:
     settings: Settings
     loaded: LoadedModel
-    engine: Engine | RemoteEngine
+    engine: ServingEngine
     demo: gr.Blocks
     monitor: ServerMonitor
     service: ChatService
@@ -100,15 +101,15 @@ class App:
         every worker thread is busy.
         """
         state = self.engine.state()
-        down = "backend down" if "backend" in state else "engine down"
-        body = {"status": "ok" if state["alive"] else down}
+        down = "backend down" if state.backend is not None else "engine down"
+        body = {"status": "ok" if state.alive else down}
         if self.settings.auth_pair is None:
-            body |= {"model": self.loaded.public_name, "model_loaded": True, "engine_alive": state["alive"],
-                     "queue_depth": state["queue_depth"], "batch_size": state["batch_size"],
-                     "engine_restarts": state["restarts"]}
-            if "backend" in state:
-                body["backend"] = state["backend"]
-        return JSONResponse(body, status_code=200 if state["alive"] else 503)
+            body |= {"model": self.loaded.public_name, "model_loaded": True, "engine_alive": state.alive,
+                     "queue_depth": state.queue_depth, "batch_size": state.batch_size,
+                     "engine_restarts": state.restarts}
+            if state.backend is not None:
+                body["backend"] = asdict(state.backend)
+        return JSONResponse(body, status_code=200 if state.alive else 503)
 
     async def gpu_memory(self) -> JSONResponse:
         return JSONResponse(await anyio.to_thread.run_sync(self.service.memory_snapshot))

@@ -126,7 +126,7 @@ def test_cancel_frees_the_row_and_others_carry_on(make_engine):
     assert doomed.stats.tokens < 600
     assert not survivor.done, "the other request keeps going"
     survivor.result(timeout=60)
-    assert wait_until(lambda: engine.state()["batch_size"] == 0)
+    assert wait_until(lambda: engine.state().batch_size == 0)
 
 
 def test_coalesced_stream_delivers_the_end_at_once(make_engine):

@@ -145,7 +145,7 @@ def test_a_row_gone_bad_mid_reply_fails_alone_and_the_batch_goes_on(make_engine,
         streams[2].result(timeout=60)
     assert [s.result(timeout=60) for i, s in enumerate(streams) if i != 2] == expected[:2] + expected[3:]
     assert engine.restarts == 0 and engine.alive
-    assert wait_until(lambda: engine.state()["batch_size"] == 0)
+    assert wait_until(lambda: engine.state().batch_size == 0)
 
 
 # -- long histories --------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_a_long_prompt_is_prefilled_in_pieces_while_the_batch_goes_on(make_engin
         assert len(running.text.split()) - words_before >= 3, "the running reply went on between the pieces"
         assert stream.result(timeout=60) == reply
     running.cancel()
-    assert wait_until(lambda: engine.state()["batch_size"] == 0)
+    assert wait_until(lambda: engine.state().batch_size == 0)
 
 
 def test_the_newest_message_alone_too_long_is_refused(make_engine, loaded_tiny):
@@ -329,8 +329,8 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_hangs_up(served):
     app, url = served
     with pytest.raises(httpx.ReadTimeout):
         completion(url, {"messages": user("a long story"), "max_tokens": 1024, "temperature": 0}, timeout=1.0)
-    assert app.engine.state()["batch_size"] == 1, "still generating when the client left"
-    assert wait_until(lambda: app.engine.state()["batch_size"] == 0, timeout=1.0), \
+    assert app.engine.state().batch_size == 1, "still generating when the client left"
+    assert wait_until(lambda: app.engine.state().batch_size == 0, timeout=1.0), \
         "the row of a client that left must not go on generating"
     assert wait_until(lambda: app.service.gate.inside == 0, timeout=5)
 
@@ -351,7 +351,7 @@ def test_api_requests_share_the_limits_atomically_and_busy_is_503(served):
     def watch() -> None:
         while not watching.wait(0.005):
             state = app.engine.state()
-            peak.append(state["queue_depth"] + state["batch_size"])
+            peak.append(state.queue_depth + state.batch_size)
 
     threading.Thread(target=watch, daemon=True).start()
     responses = asyncio.run(burst())

@@ -95,13 +95,13 @@ def test_api_and_ui_users_share_one_engine_and_batch(served):
 
     def watch():
         while not stop.wait(0.002):
-            sizes.append(app.engine.state()["batch_size"])
+            sizes.append(app.engine.state().batch_size)
 
     threading.Thread(target=watch, daemon=True).start()
     gradio = Client(url, auth=("ann", "pw"), verbose=False)
     job = gradio.submit(message={"text": "Describe it", "files": [handle_file(str(ASSETS / "scene.png"))]},
                         history=[], max_new_tokens=1024, temperature=0, top_p=1, api_name="/chat")
-    assert wait_until(lambda: app.engine.state()["batch_size"] == 1), "the page's request is generating"
+    assert wait_until(lambda: app.engine.state().batch_size == 1), "the page's request is generating"
     reply = client_for(url).chat.completions.create(model="tiny", messages=ask("And this?", "receipt.png"),
                                                      max_tokens=64, temperature=0)
     assert job.result(timeout=60) and reply.choices[0].message.content
