@@ -28,6 +28,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+pytest_plugins = ["browser_fixtures"]  # the page's browser tests: one app and one Chromium per run
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:

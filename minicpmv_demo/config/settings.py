@@ -113,6 +113,9 @@ class Settings:
     feedback_log: str = field(
         default="", metadata={"help": "JSON-lines file the page's like/dislike clicks are appended to "
                                       "(default: feedback.jsonl in ~/.cache/minicpmv-demo)"})
+    feedback_log_mb: float = field(
+        default=50.0, metadata={"help": "largest size of the feedback log; past it the file becomes <name>.1 "
+                                        "(replacing the older one) and a new one starts"})
 
     host: str = field(default="", metadata={"help": "address to listen on (0.0.0.0 for all); empty = "
                                                     "GRADIO_SERVER_NAME or 127.0.0.1"})
@@ -230,6 +233,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--max-file-mb must be positive")
     if settings.max_body_mb <= 0:
         problems.append("--max-body-mb must be positive")
+    if settings.feedback_log_mb <= 0:
+        problems.append("--feedback-log-mb must be positive")
     if settings.backend and not settings.backend.startswith(("http://", "https://")):
         problems.append("--backend must be an http:// or https:// URL")
     if settings.backend_timeout <= 0:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..system.byte_size import byte_size
 from .conversation import Conversation, PromptOptions, Turn
-from .images import ImageError, ImageLimits, PreparedImage, prepare_image
+from .images import ImageError, ImageLimits, PreparedImage, check_upload_file, prepare_image
 from ..system.lru import LruCache
 from ..engine.reasoning import without_reasoning
 from .videos import PreparedVideo, VideoError, VideoLimits, is_video_path, prepare_video
@@ -117,6 +117,23 @@ def _user_turn(text: str, paths: list[str], rules: InputRules, frames: int) -> T
     images = tuple(_load(path, rules) for path in paths if not is_video_path(path))
     videos = tuple(_load_video(path, rules, frames) for path in paths if is_video_path(path))
     return Turn(role="user", text=text, images=images, videos=videos)
+
+
+def check_file(path: str, rules: InputRules) -> list[str]:
+    """Check one file the moment it is attached, as a message carrying it would be checked;
+    returns notices for the user, raises InputError. A picture is opened and kept (the cache a
+    message reads), so sending it later costs nothing more; a video is checked for its upload
+    and size only (its frames are read when it is sent, with the frame count asked for)."""
+    if not is_video_path(path):
+        return list(_load(path, rules).notices)
+    if rules.video_limits is None:
+        raise InputError(f"{Path(path).name}: this model does not read videos; attach pictures instead.")
+    real, _ = _uploaded(path, rules)
+    try:
+        check_upload_file(Path(real), Path(path).name, rules.video_limits.max_file_bytes, VideoError, "videos")
+    except VideoError as exc:
+        raise InputError(str(exc)) from None
+    return []
 
 
 def content_parts(content) -> tuple[list[str], list[str]]:

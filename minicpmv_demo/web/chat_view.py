@@ -1,29 +1,41 @@
-"""How a chat looks in the page's Chatbot: the user's bubbles, a reply's reasoning, answer and
-stats caption, and the replies being generated per browser session (so Stop can mark them).
+"""How a chat looks in the page's Chatbot: a question's bubbles, a reply's reasoning and answer,
+and the line under a finished reply (its actions and stats).
 
-No Gradio events here, only the messages they show: the page (ui.py) wires them. Every message
+No Gradio events here, only the messages they show: `page_events` wires them. Every message
 this module adds besides the user's own and the answer carries `metadata`, which makes it
-display-only: chat_input never sends it back to the model (reasoning, stats, error notes).
+display-only: it is never sent back to the model (reasoning, the foot line, notes).
+
+The Chatbot groups a turn's consecutive messages into one bubble, so a reply (reasoning,
+answer, foot line) is one bubble with one row of actions: the row in its foot line, drawn
+only once the reply has ended (a reply still streaming cannot be rated, retried or copied).
 """
 
 from __future__ import annotations
 
 import html
-import threading
+import re
 import time
+from dataclasses import dataclass
 
+from ..config.settings import Settings
 from ..intake.message import content_parts, file_path
-from ..engine import ReplyStats, ReplyStream
+from ..engine import ReplyStats
 from ..engine.request import FinishReason
 from ..engine.reasoning import split_reasoning
 
-# A caption has `metadata` without a title: display-only for the model, and shown by the
-# Chatbot as a plain (styled) message instead of a collapsible block with a chevron.
-CAPTION_METADATA = {"status": "done"}
+# `metadata` without a title: display-only for the model, and drawn by the Chatbot as a plain
+# message instead of a collapsible block with a chevron.
+FOOT_METADATA = {"status": "done"}
+# The actions under the last reply (retry, edit and undo act on the last question only; the
+# page's CSS hides them under earlier replies). The page script wires each class to its event.
+LAST_ONLY_ACTIONS = (("retry", "Retry"), ("edit", "Edit question"), ("undo", "Undo"))
+RATING_ACTIONS = (("like", "Like"), ("dislike", "Dislike"))
+REPLY_ID = re.compile(r"data-reply='([0-9a-f]{8,64})'")
 
 
 def user_bubbles(message) -> list[dict]:
-    """How a sent message appears in the chat: one bubble per file, then the text."""
+    """How a sent message appears in the chat: its files, then its text (one bubble: the
+    Chatbot groups them, and the page's CSS shows the pictures as a row of thumbnails)."""
     message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
     shown = [{"role": "user", "content": {"path": file_path(f)}} for f in message.get("files") or []]
     if (message.get("text") or "").strip():
@@ -33,54 +45,104 @@ def user_bubbles(message) -> list[dict]:
 
 def split_last_user_turn(history) -> tuple[list[dict], dict | None]:
     """Split the chat into (everything before the last question, that question as a message)."""
-    history = list(history or [])
-    end = len(history)
-    while end and history[end - 1]["role"] != "user":
-        end -= 1
-    start = end
+    history = without_reply(list(history or []))
+    start = len(history)
     while start and history[start - 1]["role"] == "user":
         start -= 1
-    if start == end:
+    if start == len(history):
         return history, None
     text, files = [], []
-    for entry in history[start:end]:
+    for entry in history[start:]:
         texts, paths = content_parts(entry["content"])
         text += texts
         files += paths
     return history[:start], {"text": "\n".join(text), "files": files}
 
 
-def caption(text: str, kind: str = "reply-stats") -> dict:
-    """A small line under a reply (its stats, or why there is no answer); never copied with the
-    answer, because it is a message of its own (the Chatbot does not group messages)."""
+def without_reply(history: list[dict]) -> list[dict]:
+    """The chat less its trailing assistant messages: the reply about to be redrawn."""
+    end = len(history)
+    while end and history[end - 1]["role"] == "assistant":
+        end -= 1
+    return history[:end]
+
+
+def note(text: str, kind: str) -> dict:
+    """A line of its own under a question: waiting for a place, why there is no answer."""
     return {"role": "assistant", "content": f"<span class='{kind}'>{html.escape(text)}</span>",
-            "metadata": dict(CAPTION_METADATA)}
+            "metadata": dict(FOOT_METADATA)}
+
+
+def waiting_note(ahead: int | None) -> dict:
+    """Drawn with the question the moment it is sent, replaced by the answer when its turn
+    comes. `ahead`: questions before it when the server is full; None when it starts at once.
+    A chat saved in the browser while this note shows was cut off by a reload (see `cut_off`)."""
+    if ahead is None:
+        text = "answering…"
+    else:
+        text = "⏳ waiting for a free place: you are next" if ahead == 0 else f"⏳ waiting, {ahead} ahead"
+    return note(text, "reply-waiting")
+
+
+def is_waiting_note(entry: dict) -> bool:
+    return entry.get("role") == "assistant" and "reply-waiting" in str(entry.get("content"))
 
 
 def error_note(reason: str) -> dict:
-    """What the chat shows when the engine could not answer (out of memory, model failure)."""
-    return caption(f"⚠ No answer: {reason}", kind="reply-error")
+    """What the chat shows when there is no answer (the engine failed, the page reloaded)."""
+    return foot(f"⚠ No answer: {reason}", reply_id=None, kind="reply-error")
 
 
-def stats_caption(stats_line: str, stats: ReplyStats | None, stopped: bool = False) -> dict:
-    """The stats caption, marked when the reply was stopped or cut at the token limit."""
-    if stopped or (stats is not None and stats.finish_reason == FinishReason.CANCELLED):
+def foot(text: str, reply_id: str | None, kind: str = "reply-stats") -> dict:
+    """The line under a finished reply: its row of actions, then `text` (stats or a reason).
+
+    `reply_id` names the reply a rating refers to (the server keeps what it answered under it);
+    a reply without one (an error) offers no rating."""
+    actions = list(LAST_ONLY_ACTIONS) + (list(RATING_ACTIONS) if reply_id else [])
+    buttons = "".join(f"<button type='button' class='reply-action act-{name}' title='{label}'>"
+                      f"<span class='sr-only'>{label}</span></button>" for name, label in [("copy", "Copy"), *actions])
+    marker = f" data-reply='{reply_id}'" if reply_id else ""
+    return {"role": "assistant", "metadata": dict(FOOT_METADATA),
+            "content": f"<div class='reply-foot'><span class='reply-actions'>{buttons}</span>"
+                       f"<span class='{kind}'{marker}>{html.escape(text)}</span></div>"}
+
+
+def stats_foot(stats_line: str, stats: ReplyStats | None, reply_id: str | None, *,
+               thinking_only: bool = False) -> dict:
+    """The foot line with the stats, marked when the reply was stopped or cut at the limit."""
+    reason = stats.finish_reason if stats is not None else None
+    if thinking_only:
+        mark = "stopped while thinking (token limit)" if reason == FinishReason.LENGTH else \
+            "■ stopped while thinking" if reason == FinishReason.CANCELLED else "no answer after thinking"
+    elif reason == FinishReason.CANCELLED:
         mark = "■ stopped"
-    elif stats is not None and stats.finish_reason == FinishReason.LENGTH:
+    elif reason == FinishReason.LENGTH:
         mark = "reached max new tokens"
     else:
         mark = ""
-    return caption(" · ".join(part for part in (mark, stats_line) if part))
+    return foot(" · ".join(part for part in (mark, stats_line) if part), reply_id)
 
 
+def reply_id_of(values) -> str | None:
+    """The reply id in a rated reply's messages (its foot line names it), if any."""
+    for value in values if isinstance(values, (list, tuple)) else [values]:
+        found = REPLY_ID.search(str(value))
+        if found:
+            return found.group(1)
+    return None
+
+
+@dataclass
 class ReplyView:
     """One reply as chat messages while it streams: a collapsible "Thinking" block when the
     reply reasons (the prompt opened `<think>`, or the reply itself does), then the answer."""
 
-    def __init__(self, thinking: bool) -> None:
-        self.thinking = thinking
-        self.started = time.monotonic()
-        self.reasoning_seconds: float | None = None
+    thinking: bool
+    started: float = 0.0
+    reasoning_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        self.started = self.started or time.monotonic()
 
     def messages(self, text: str, ended: bool = False) -> list[dict]:
         parts = split_reasoning(text, self.thinking)
@@ -97,85 +159,39 @@ class ReplyView:
             shown.append({"role": "assistant", "content": parts.answer})
         return shown
 
+    def answer(self, text: str) -> str:
+        """The answer part of `text` (what is rated and logged): the reasoning left out."""
+        return split_reasoning(text, self.thinking).answer
 
-def without_reply(history: list[dict]) -> list[dict]:
-    """The chat less its trailing assistant messages: the reply about to be redrawn."""
-    end = len(history)
-    while end and history[end - 1]["role"] == "assistant":
-        end -= 1
-    return history[:end]
-
-
-class LiveReplies:
-    """The reply each browser session is generating, so its Stop can cancel it and redraw it
-    from the engine's text (which may be a few tokens ahead of the page) with a stopped mark."""
-
-    # A Stop this recent with no reply yet to stop was meant for the one about to start.
-    EARLY_STOP_S = 3.0
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._replies: dict[str, tuple[ReplyStream, ReplyView, list[dict]]] = {}
-        self._early_stops: dict[str, float] = {}
-
-    def stopped_early(self, session: str) -> bool:
-        """Whether Stop was pressed before this session's reply started (it raced the queue:
-        the page's cancel can arrive before the reply's event exists to be cancelled)."""
-        with self._lock:
-            pressed = self._early_stops.pop(session, None)
-        return pressed is not None and time.monotonic() - pressed < self.EARLY_STOP_S
-
-    def start(self, session: str, stream: ReplyStream, view: ReplyView, shown: list[dict]) -> None:
-        """`shown`: the chat with the question, as the reply's first update drew it."""
-        with self._lock:
-            self._replies[session] = (stream, view, shown)
-            self._early_stops.pop(session, None)
-
-    def end(self, session: str, stream: ReplyStream) -> None:
-        """Forget `stream` if it is still this session's live reply (a newer one stays)."""
-        with self._lock:
-            if self._replies.get(session, (None,))[0] is stream:
-                del self._replies[session]
-
-    def stop(self, session: str, wait_s: float = 2.0,
-             early: bool = True) -> tuple[ReplyStream, ReplyView, list[dict]] | None:
-        """Cancel the session's reply and wait (briefly) for the engine to hand its stats.
-
-        `early`: with no reply yet, remember the Stop for the one about to start (the Stop
-        button); Undo and Clear cancel only what runs, and must not refuse the next question.
-        """
-        with self._lock:
-            live = self._replies.pop(session, None)
-            if live is None and early:
-                now = time.monotonic()
-                for stale in [s for s, pressed in self._early_stops.items() if now - pressed >= self.EARLY_STOP_S]:
-                    del self._early_stops[stale]
-                self._early_stops[session] = now
-        if live is None:
-            return None
-        stream = live[0]
-        stream.cancel()
-        stream.wait(wait_s)
-        return live
+    def thinking_only(self, text: str) -> bool:
+        """The reply ended inside its reasoning, with no answer at all."""
+        parts = split_reasoning(text, self.thinking)
+        return parts.reasoning is not None and not parts.answer.strip()
 
 
-def message_text(entry: dict) -> str:
-    """The text of one chat message (files left out)."""
-    texts, _ = content_parts(entry.get("content"))
-    return "\n".join(t for t in texts if t)
+def input_placeholder(settings: Settings) -> str:
+    """The box's own instruction, with the limits stated before anyone hits them."""
+    return (f"Ask a question; attach up to {settings.max_images} images ({settings.max_file_mb:g} MB each) "
+            f"or a video ({settings.max_video_mb:g} MB)")
 
 
-def question_before(history: list[dict], index: int) -> tuple[str, list[str]]:
-    """The user's text and file names of the turn that `history[index]` answers."""
-    end = index
-    while end > 0 and history[end - 1]["role"] != "user":
-        end -= 1
-    start = end
-    while start > 0 and history[start - 1]["role"] == "user":
-        start -= 1
-    texts, names = [], []
-    for entry in history[start:end]:
-        found_texts, paths = content_parts(entry.get("content"))
-        texts += [t for t in found_texts if t]
-        names += [path.rsplit("/", 1)[-1] for path in paths]
-    return "\n".join(texts), names
+def chat_howto(settings: Settings) -> str:
+    """What the empty chat says: how to start, and what the page can do."""
+    return (f"### Chat about pictures\n"
+            f"Attach up to **{settings.max_images} images** ({settings.max_file_mb:g} MB each) **or a video** "
+            f"({settings.max_video_mb:g} MB, {settings.max_video_seconds / 60:g} min), "
+            f"ask a question, press **Enter**. Stop an answer with **■**; copy, retry, edit or rate "
+            f"it with the row under it. Or start with an example:")
+
+
+def settings_summary(max_new, temperature, top_p, top_k, penalty, thinking, fine, slices, frames) -> str:
+    """One line under the box: what the next answer will be made with."""
+    parts = [f"up to {int(max_new)} new tokens",
+             "greedy" if not temperature else f"temperature {temperature:g} · top-p {top_p:g}"]
+    if temperature and top_k:
+        parts.append(f"top-k {int(top_k)}")
+    if penalty and penalty != 1:
+        parts.append(f"repetition penalty {penalty:g}")
+    parts += ["thinking on" if thinking else "thinking off", "fine detail" if fine else "normal detail",
+              f"{int(slices)} slices", f"{int(frames)} video frames"]
+    return "Settings: " + " · ".join(parts)

@@ -28,7 +28,7 @@ from ..remote import BackendClientError, BackendProbe, RemoteEngine
 from ..remote.memory import BackendMemory
 from ..config.settings import Settings
 from .page import build_ui
-from .style import FAVICON, PAGE_CSS
+from .style import FAVICON, page_css, page_head
 from ..system.zerogpu import zerogpu_batch_call
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ class App:
             # Static-file worker processes (GRADIO_NUM_WORKERS, behind SSR's proxy) would take
             # uploads around the guard.
             "num_workers": 0,
-            "css": PAGE_CSS,
+            "css": page_css(settings),
+            "head": page_head(settings),
             "favicon_path": str(FAVICON),
         }
         options.update(overrides)

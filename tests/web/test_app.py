@@ -149,3 +149,13 @@ def test_chat_takes_the_prompt_and_sampling_settings_as_keywords(served):
         client.predict(message={"text": "hi", "files": []}, history=[], max_new_tokens=4, temperature=0, top_p=1,
                        enable_thinking="maybe", api_name="/chat")
     assert chat(client, "Still fine?"), "the refusals left the server working"
+
+
+def test_chat_needs_only_the_message(served):
+    """/chat's docstring says every argument after `message` may be left out; gradio_client agrees."""
+    _, client = served
+    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/chat"]["parameters"]
+    required = {p["parameter_name"] for p in parameters if not p["parameter_has_default"]}
+    assert required <= {"message"}, required
+    assert client.predict(message={"text": "Describe it.", "files": [handle_file(str(ASSETS / "chart.png"))]},
+                          api_name="/chat")

@@ -1,23 +1,23 @@
-"""What the page adds to a chat besides the user's words and the answer (reasoning, stats,
-error notes) is display only, and what Stop and the feedback log keep."""
+"""What the page adds to a chat besides the user's words and the answer (reasoning, the foot
+line under a reply, notes) is display only; the foot names the reply a rating refers to."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from minicpmv_demo.intake.message import InputRules, build_conversation
-from minicpmv_demo.engine import ReplyStats, ReplyStream
+from minicpmv_demo.engine import ReplyStats
 from minicpmv_demo.engine.request import FinishReason
-from minicpmv_demo.web.feedback import FeedbackLog
 from minicpmv_demo.intake.images import ImageLimits
-from minicpmv_demo.web.chat_view import (LiveReplies, ReplyView, error_note, question_before, split_last_user_turn,
-                                   stats_caption, user_bubbles)
+from minicpmv_demo.intake.message import InputRules, build_conversation
+from minicpmv_demo.web.chat_view import (ReplyView, error_note, reply_id_of, split_last_user_turn, stats_foot,
+                                         user_bubbles, waiting_note)
 
 RULES = InputRules(image_limits=ImageLimits(), max_images=4, allowed_roots=("/nonexistent",))
 
 
-def test_reasoning_stats_and_error_notes_never_reach_the_model():
+def stats(reason: FinishReason, tokens: int = 5) -> ReplyStats:
+    return ReplyStats(tokens=tokens, seconds=0.5, batch_size=1, peak_memory_mb=None, finish_reason=reason)
+
+
+def test_reasoning_feet_and_notes_never_reach_the_model():
     view = ReplyView(thinking=True)
     streaming = view.messages("Let me look at the pict")
     assert streaming == [{"role": "assistant", "content": "Let me look at the pict",
@@ -25,9 +25,8 @@ def test_reasoning_stats_and_error_notes_never_reach_the_model():
     reply = view.messages("Let me look.</think>It is a chart.")
     assert reply[0]["metadata"]["status"] == "done" and "duration" in reply[0]["metadata"]
     assert reply[1] == {"role": "assistant", "content": "It is a chart."}
-    stats = ReplyStats(tokens=5, seconds=0.5, batch_size=1, peak_memory_mb=None, finish_reason=FinishReason.STOP)
-    history = [*user_bubbles("What is it?"), *reply, stats_caption("batch 1 · 10.0 tok/s", stats),
-               *user_bubbles("Again?"), error_note("out of memory")]
+    history = [*user_bubbles("What is it?"), *reply, stats_foot("batch 1 · 10.0 tok/s", stats(FinishReason.STOP), "ab" * 8),
+               *user_bubbles("Again?"), waiting_note(2), error_note("out of memory")]
     conversation, _ = build_conversation("And now?", history, system_prompt="", rules=RULES)
     assert [(t.role, t.text) for t in conversation.turns] == [
         ("user", "What is it?"), ("assistant", "It is a chart."), ("user", "Again?\nAnd now?")]
@@ -39,34 +38,33 @@ def test_a_reply_that_opens_think_itself_is_split_too():
     assert ReplyView(thinking=False).messages("Plain answer") == [{"role": "assistant", "content": "Plain answer"}]
 
 
-def test_captions_say_stopped_or_cut():
-    cut = ReplyStats(tokens=9, seconds=1, batch_size=1, peak_memory_mb=None, finish_reason=FinishReason.LENGTH)
-    assert "reached max new tokens" in stats_caption("x", cut)["content"]
-    assert "■ stopped" in stats_caption("x", None, stopped=True)["content"]
-    assert "<b>" not in stats_caption("<b>bold</b>", None)["content"], "caption text is escaped"
+def test_the_foot_says_stopped_cut_or_ran_out_while_thinking_and_names_the_reply():
+    assert "reached max new tokens" in stats_foot("x", stats(FinishReason.LENGTH), None)["content"]
+    assert "■ stopped" in stats_foot("x", stats(FinishReason.CANCELLED), None)["content"]
+    thinking = stats_foot("x", stats(FinishReason.LENGTH), None, thinking_only=True)["content"]
+    assert "stopped while thinking (token limit)" in thinking
+    assert "&lt;b&gt;" in stats_foot("<b>bold</b>", None, None)["content"], "the stats text is escaped"
+    rated = stats_foot("x", stats(FinishReason.STOP), "0123456789abcdef")
+    assert reply_id_of(["an answer", rated["content"]]) == "0123456789abcdef"
+    assert "act-like" in rated["content"] and "act-like" not in error_note("failed")["content"], \
+        "a reply without an id offers no rating"
+    assert reply_id_of(["an answer", "<span data-reply='../../etc'>x</span>"]) is None
 
 
-def test_stop_before_the_reply_starts_is_kept_for_it():
-    live = LiveReplies()
-    assert live.stop("tab", wait_s=0) is None
-    assert live.stopped_early("tab") and not live.stopped_early("tab"), "used once"
-    stream = ReplyStream()
-    live.start("tab", stream, ReplyView(False), [])
-    stream.finish(ReplyStats(tokens=1, seconds=0.1, batch_size=1, peak_memory_mb=None,
-                             finish_reason=FinishReason.CANCELLED))
-    stopped = live.stop("tab", wait_s=1)
-    assert stopped is not None and stopped[0].cancelled and not live.stopped_early("other")
-    # Undo and Clear cancel what runs; with nothing running they must not refuse the next question.
-    assert live.stop("tab", wait_s=0, early=False) is None and not live.stopped_early("tab")
+def test_a_reply_that_ended_inside_its_reasoning_is_known():
+    view = ReplyView(thinking=True)
+    assert view.thinking_only("still thinking about it") and not view.thinking_only("hm</think>An answer.")
+    assert view.answer("hm</think>An answer.") == "An answer."
 
 
-def test_edit_and_feedback_find_the_whole_question(tmp_path: Path):
+def test_the_waiting_note_says_the_place():
+    assert "you are next" in waiting_note(0)["content"] and "3 ahead" in waiting_note(3)["content"]
+    assert "answering" in waiting_note(None)["content"]
+
+
+def test_retry_and_edit_find_the_whole_last_question():
     history = [{"role": "user", "content": {"path": "/up/a.png"}}, {"role": "user", "content": "What is it?"},
-               {"role": "assistant", "content": "A chart."}]
+               {"role": "assistant", "content": "A chart."}, stats_foot("x", None, None)]
     earlier, message = split_last_user_turn(history)
     assert earlier == [] and message == {"text": "What is it?", "files": ["/up/a.png"]}
-    assert question_before(history, 2) == ("What is it?", ["a.png"])
-    log = FeedbackLog(tmp_path / "sub" / "feedback.jsonl")
-    log.record(rating="dislike", question="What is it?", answer="A chart.", images=["a.png"], model="tiny")
-    line = json.loads(log.path.read_text())
-    assert line["rating"] == "dislike" and line["images"] == ["a.png"] and line["time"].endswith("Z")
+    assert split_last_user_turn([]) == ([], None)

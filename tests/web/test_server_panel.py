@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
+from minicpmv_demo.web.chat_view import stats_foot
 from minicpmv_demo.web.server import build_app
-from minicpmv_demo.web.page import _panel_html
+from minicpmv_demo.web.server_panel import panel_html
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 FAKE_GPUS = ("0, GPU-aaaa, 37, 23028, 10240, 12788, 550.54, NVIDIA A10G, 1324, Disabled, Enabled, 61\\n"
@@ -37,18 +38,19 @@ def served(request, tmp_path, tiny_settings, loaded_tiny, monkeypatch):
 
 def test_reply_line_panel_and_endpoint_show_the_gpus(served):
     kind, app, client = served
-    message = {"text": "What is it?", "files": [handle_file(str(ASSETS / "chart.png"))]}
-    # The page's own handler, with every setting the page sends (max new tokens ... max frames).
-    chat, _ = client.predict(message, [], 12, 0, 1, "", 0, 1.0, False, False, 9, 16, api_name="/respond")
-    reply, line = chat[-2], chat[-1]
-    assert reply["role"] == "assistant" and reply["content"] and not reply.get("metadata")
-    assert line["metadata"], "the stats caption is display only: never sent back to the model"
-    title = "".join(part.get("text") or "" for part in line["content"])  # the caption's text
+    assert client.predict({"text": "What is it?", "files": [handle_file(str(ASSETS / "chart.png"))]},
+                          api_name="/chat"), "a reply through the API"
+    # The line under a reply on the page: what the page's handler draws when a reply ends.
+    stream, _ = app.service.submit({"text": "What is it?", "files": []}, [], app.service.params(12, 0))
+    stream.result(timeout=60)
+    line = stats_foot(app.service.stats_line(stream.stats), stream.stats, "0123456789abcdef")
+    assert line["metadata"], "the line under a reply is display only: never sent back to the model"
+    title = line["content"]
     assert "batch 1" in title and "tok/s" in title
     snapshot = client.predict(api_name="/gpu_memory")
     assert snapshot["engine"]["queue_depth"] == 0 and snapshot["engine"]["alive"] is True
     assert snapshot["process"]["rss_mb"] > 0
-    html = _panel_html(app.monitor.gpu, app.engine)  # what the panel's timer renders
+    html = panel_html(app.monitor.gpu, app.engine, 0)  # what the panel's timer renders
     if kind == "two-gpus":
         assert "NVIDIA A10G 10,240 / 23,028 MB · Tesla T4 1,024 / 16,384 MB" in title
         assert [g["name"] for g in snapshot["gpus"]] == ["NVIDIA A10G", "Tesla T4"]

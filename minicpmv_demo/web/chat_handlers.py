@@ -1,0 +1,229 @@
+"""What the page's chat events do. They only talk to `ChatService` (and through it the engine,
+which owns the model): no handler touches the model.
+
+A question goes in two steps. `ask` runs at once, outside the queue: it shows the question in
+the chat with its place in line and hands it on (the `pending` state, by question id). `answer`
+runs in the queue when the question's turn comes and streams the reply in place of the note.
+So a question never waits unseen in the input box, however long the queue.
+
+A request the service refuses (InputError) is a notice and nothing else: the question leaves
+the chat and goes back to the box to be fixed, so it never poisons the history that later
+questions send. Engine failures end the reply with a line in the chat, never an error overlay.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+
+from ..engine import FinishReason, ReplyError, ReplyStream
+from ..intake.message import InputError, check_file, file_path
+from ..intake.videos import is_video_path
+from .chat_service import ChatService
+from .chat_view import (ReplyView, error_note, foot, reply_id_of, split_last_user_turn, stats_foot, user_bubbles,
+                        waiting_note)
+from .feedback import RATINGS, AnsweredReplies, FeedbackLog
+from .questions import LiveQuestions
+from .waiting import WaitingLine
+
+ANSWERING_PLACEHOLDER = "Answering… press ■ to stop. You can type your next question; send it when the answer ends."
+MORE_TOKENS = "more-tokens:"  # the option under a reply that ran out of tokens while thinking, + the count
+RESIZED = re.compile(r"^(?P<name>.+) was downscaled from \S+ to \S+\.$")
+
+# What `ask` and its siblings return: the chat, the box, the question id, the pending question.
+Asked = tuple
+
+
+def busy_box(value: dict | None = None) -> dict:
+    """The box while a reply streams: Stop in place of Send; emptied when a question was sent."""
+    update = {"submit_btn": False, "stop_btn": True, "placeholder": ANSWERING_PLACEHOLDER}
+    return gr.update(**update) if value is None else gr.update(value=value, **update)
+
+
+def friendly_notice(notice: str) -> str:
+    """A notice from the intake as a visitor reads it (no pixel sizes)."""
+    resized = RESIZED.match(notice)
+    return f"{resized['name']}: large picture, resized for the model." if resized else notice
+
+
+class ChatHandlers:
+    """The page's chat: questions, answers, Stop, the actions under a reply, ratings, files."""
+
+    def __init__(self, service: ChatService, model_name: str, waiting: WaitingLine, feedback: FeedbackLog) -> None:
+        self.service = service
+        self.model_name = model_name
+        self.waiting = waiting
+        self.feedback = feedback
+        self.questions = LiveQuestions()
+        self.replies = AnsweredReplies()
+
+    # -- a question goes in ---------------------------------------------------------------------
+    def ask(self, message, history, question_id: str) -> Asked:
+        """Show the question at once, with its place in line; `answer` takes it from `pending`."""
+        message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
+        text = message.get("text") or ""
+        if not text.strip() and not message.get("files"):
+            gr.Warning("Please type a question or attach an image (or a video).")
+            return gr.skip(), gr.skip(), gr.skip(), None
+        if len(text) > self.service.settings.max_message_chars:
+            gr.Warning(f"The message is too long: {len(text):,} characters (the limit is "
+                       f"{self.service.settings.max_message_chars:,}). Please shorten it.")
+            return gr.skip(), gr.skip(), gr.skip(), None
+        return self._asked(list(history or []), message, question_id, empty_box=True)
+
+    def ask_again(self, history, question_id: str) -> Asked:
+        """Retry: the last question again, in place of its answer."""
+        earlier, message = split_last_user_turn(history)
+        if message is None:
+            gr.Info("Nothing to retry yet.")
+            return gr.skip(), gr.skip(), gr.skip(), None
+        return self._asked(earlier, message, question_id)
+
+    def ask_with_more_tokens(self, history, question_id: str, selected: gr.SelectData) -> tuple:
+        """The option under a reply that ran out of tokens while thinking: retry with the count it
+        names (twice as many), which the max-new-tokens slider takes too."""
+        value = str(selected.value or "")
+        count = value.removeprefix(MORE_TOKENS)
+        if not value.startswith(MORE_TOKENS) or not count.isdigit():
+            return gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
+        return (*self.ask_again(history, question_id), min(int(count), self.service.settings.max_new_tokens))
+
+    def _asked(self, earlier: list[dict], message: dict, question_id: str, empty_box: bool = False) -> Asked:
+        shown = earlier + user_bubbles(message)
+        pending = {"id": question_id, "message": message, "history": earlier, "shown": shown}
+        box = busy_box({"text": "", "files": []} if empty_box else None)
+        return shown + [waiting_note(self.waiting.ahead())], box, question_id, pending
+
+    # -- its answer -----------------------------------------------------------------------------
+    def answer(self, pending, question_id: str, max_new, temperature, top_p, top_k, penalty, thinking, fine_detail,
+               slices, frames, system, request: gr.Request) -> Iterator[tuple]:
+        """Check and queue the pending question, then stream its reply into the chat."""
+        if not pending or pending.get("id") != question_id:
+            yield gr.skip(), gr.skip()  # `ask` refused the question: nothing to answer
+            return
+        key = (request.session_hash or "", question_id)
+        shown = pending["shown"]
+        if self.questions.stopped_before_start(key):
+            self.questions.end(key)
+            yield shown + [foot("■ stopped before the answer began", reply_id=None)], gr.skip()
+            return
+        try:
+            params = self.service.params(max_new, temperature, top_p, top_k, penalty)
+            options = self.service.options(enable_thinking=bool(thinking), downsample_mode="4x" if fine_detail else "16x",
+                                           max_slice_nums=slices, max_num_frames=frames)
+            stream, _ = self.service.submit(pending["message"], pending["history"], params, system or "",
+                                            options=options)
+        except InputError as exc:
+            self.questions.end(key)
+            gr.Warning(str(exc))
+            yield pending["history"], pending["message"]  # the question goes back to the box
+            return
+        self.questions.start(key, stream)
+        try:
+            yield from self._streamed(stream, pending)
+        finally:
+            stream.cancel()  # no-op when finished; frees the row when the tab closed mid-answer
+            self.questions.end(key)
+
+    def _streamed(self, stream: ReplyStream, pending: dict) -> Iterator[tuple]:
+        shown, view = pending["shown"], ReplyView(thinking=stream.thinking)
+        told = 0
+        try:
+            for text in stream.updates(self.service.current_stream_interval):
+                told = self._tell(stream, told)
+                yield shown + view.messages(text), gr.skip()
+            self._tell(stream, told)
+            yield shown + view.messages(stream.text, ended=True) + [self._foot(stream, view, pending)], gr.skip()
+        except ReplyError as exc:
+            yield shown + view.messages(stream.text, ended=True) + [error_note(str(exc))], gr.skip()
+
+    @staticmethod
+    def _tell(stream: ReplyStream, told: int) -> int:
+        """Show the stream's notices not shown yet (a reasoning cut); returns how many are shown."""
+        for notice in stream.notices[told:]:
+            gr.Info(friendly_notice(notice))
+        return len(stream.notices)
+
+    def _foot(self, stream: ReplyStream, view: ReplyView, pending: dict) -> dict:
+        """The finished reply's foot line; the reply is kept under an id its ratings name."""
+        message = pending["message"]
+        reply_id = self.replies.add(question=message.get("text") or "",
+                                    images=[Path(file_path(f)).name for f in message.get("files") or []],
+                                    answer=view.answer(stream.text), model=self.model_name)
+        stats = stream.stats
+        thinking_only = view.thinking_only(stream.text)
+        line = stats_foot(self.service.stats_line(stats) if stats else "", stats, reply_id, thinking_only=thinking_only)
+        cap = self.service.settings.max_new_tokens
+        if thinking_only and stats is not None and stats.finish_reason == FinishReason.LENGTH and stats.tokens < cap:
+            more = min(stats.tokens * 2, cap)
+            line["options"] = [{"label": f"Retry with {more} new tokens", "value": f"{MORE_TOKENS}{more}"}]
+        return line
+
+    # -- Stop, and the actions under the last reply -----------------------------------------------
+    def stop(self, question_id: str, request: gr.Request) -> None:
+        """Stop the answer to `question_id` (this tab's); its own stream then draws it stopped."""
+        self.questions.stop((request.session_hash or "", question_id or ""))
+
+    @staticmethod
+    def undo(history) -> list[dict]:
+        """Take back the last question and its answer."""
+        earlier, _ = split_last_user_turn(history)
+        return earlier
+
+    @staticmethod
+    def edit_question(history) -> tuple:
+        """The last question back in the box to be changed and sent again; its answer goes."""
+        earlier, message = split_last_user_turn(history)
+        return earlier, message if message is not None else gr.skip()
+
+    def rate(self, liked: gr.LikeData) -> None:
+        """Log a like, a dislike or a rating taken back, of a reply this server produced."""
+        rating = RATINGS.get(liked.liked) if isinstance(liked.liked, (bool, str, type(None))) else None
+        reply = self.replies.rating_to_log(reply_id_of(liked.value), rating) if rating else None
+        if reply is None:
+            return
+        self.feedback.record(rating, reply)
+        if rating != "none":
+            gr.Info("Thank you: your rating was saved.")
+
+    # -- files, when attached ---------------------------------------------------------------------
+    def check_files(self, message) -> dict:
+        """Check the files the moment they are attached: a refused one leaves the box at once,
+        with a notice saying why, so no question is ever answered without a file it showed."""
+        files = list((message or {}).get("files") or [])
+        rules = self.service.rules
+        kept, notices, videos = [], [], 0
+        for item in files:
+            path = file_path(item)
+            name = Path(path).name
+            is_video = is_video_path(path)
+            if len(kept) >= rules.max_images:
+                notices.append(f"{name} was not added: a message takes up to {rules.max_images} files.")
+                continue
+            if is_video and videos >= rules.max_videos:
+                notices.append(f"{name} was not added: a message takes {rules.max_videos} video at most.")
+                continue
+            try:
+                notices += [friendly_notice(n) for n in check_file(path, rules)]
+            except InputError as exc:
+                notices.append(f"{exc} It was not added.")
+                continue
+            kept.append(item)
+            videos += is_video
+        for notice in notices:
+            if "not added" in notice:
+                gr.Warning(notice)
+            else:
+                gr.Info(notice)
+        if len(kept) == len(files):
+            return gr.skip()
+        return {"text": (message or {}).get("text") or "", "files": kept}
+
+    @staticmethod
+    def warn(text: str) -> None:
+        """A notice the page's script found (a file refused before it was sent): the one style."""
+        if isinstance(text, str) and text.strip():
+            gr.Warning(text[:500])

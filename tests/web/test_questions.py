@@ -1,0 +1,45 @@
+"""Stop names a question: it cancels that question's answer and nothing else, in any order."""
+
+from __future__ import annotations
+
+from minicpmv_demo.engine import ReplyStream
+from minicpmv_demo.web.questions import LiveQuestions
+
+
+def test_stop_cancels_only_the_question_it_names():
+    questions = LiveQuestions()
+    mine, other = ReplyStream(), ReplyStream()
+    questions.start(("tab", "q1"), mine)
+    questions.start(("tab", "q2"), other)
+    questions.stop(("tab", "q1"))
+    assert mine.cancelled and not other.cancelled
+    questions.stop(("another tab", "q2"))
+    assert not other.cancelled, "a page can only stop its own questions"
+
+
+def test_a_stop_before_the_answer_starts_is_kept_for_that_question_alone():
+    questions = LiveQuestions()
+    questions.stop(("tab", "early"))
+    assert questions.stopped_before_start(("tab", "early"))
+    assert not questions.stopped_before_start(("tab", "the next one")), "never for the next question"
+    late = ReplyStream()
+    questions.start(("tab", "early"), late)  # its answer began while the stop was on its way
+    assert late.cancelled
+
+
+def test_a_stop_after_the_answer_ended_does_nothing():
+    questions = LiveQuestions()
+    stream = ReplyStream()
+    questions.start(("tab", "done"), stream)
+    questions.end(("tab", "done"))
+    questions.stop(("tab", "done"))  # a double click, or a press as the answer ended
+    assert not questions.stopped_before_start(("tab", "done")) and not stream.cancelled
+    assert questions.live == 0
+
+
+def test_what_it_remembers_is_bounded():
+    questions = LiveQuestions(remembered=3)
+    for n in range(10):
+        questions.stop(("tab", f"q{n}"))
+        questions.end(("tab", f"e{n}"))
+    assert not questions.stopped_before_start(("tab", "q0")) and questions.stopped_before_start(("tab", "q9"))
