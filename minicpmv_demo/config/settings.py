@@ -116,6 +116,9 @@ class Settings:
     feedback_log_mb: float = field(
         default=50.0, metadata={"help": "largest size of the feedback log; past it the file becomes <name>.1 "
                                         "(replacing the older one) and a new one starts"})
+    page_sessions: int = field(
+        default=1000, metadata={"help": "browser sessions whose page state the server keeps (Gradio's "
+                                        "state_session_capacity); the oldest are forgotten first"})
 
     host: str = field(default="", metadata={"help": "address to listen on (0.0.0.0 for all); empty = "
                                                     "GRADIO_SERVER_NAME or 127.0.0.1"})
@@ -214,7 +217,7 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     problems = []
     for name in ("max_batch", "concurrency", "queue_size", "max_new_tokens", "default_new_tokens",
                  "max_images", "max_message_chars", "max_history_messages", "max_history_chars",
-                 "login_failures", "max_videos"):
+                 "login_failures", "max_videos", "page_sessions"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.torch_threads < 0:

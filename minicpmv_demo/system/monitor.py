@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .gpu import GpuMemory, process_rss_mb
+from .process_memory import trim
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class ServerMonitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.samples.append(self.sample())
+            # A large request (a long chat, a big upload) is read in many small blocks that
+            # glibc keeps in its arenas once freed: hand them back, whoever allocated them.
+            trim()
             self._stop.wait(self.interval_s)
 
     def sample(self) -> Sample:

@@ -28,6 +28,7 @@ from ..remote import BackendClientError, BackendProbe, RemoteEngine
 from ..remote.memory import BackendMemory
 from ..config.settings import Settings
 from .page import build_ui
+from .page_sessions import keep_sessions_lean
 from .style import FAVICON, page_css, page_head
 from ..system.zerogpu import zerogpu_batch_call
 
@@ -78,9 +79,12 @@ class App:
             "css": page_css(settings),
             "head": page_head(settings),
             "favicon_path": str(FAVICON),
+            # Browser sessions whose page state is kept; each keeps only the page's own state.
+            "state_session_capacity": settings.page_sessions,
         }
         options.update(overrides)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
+        keep_sessions_lean(launched[0], self.demo)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
         # Plain JSON twin of the page's gpu_memory API: what a front end reads when this app is
         # its backend. Under /v1/, so --auth's API key guards it like the chat route.
