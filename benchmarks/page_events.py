@@ -2,8 +2,9 @@
 can make the server keep.
 
 Launches the tiny-model app in its own process and sends `--events` events from as many browser
-sessions, `--mb` megabytes each (a forged chat history), alternating the two the issue measured:
-a rating of an invented reply (the page's like event) and /chat with a long history. Reports
+sessions, `--mb` megabytes each (a forged chat history), taking turns: the two the issue
+measured, a rating of an invented reply (the page's like event) and /chat with a long history,
+and the page's own send (its `ask` step, which keeps a question until its answer runs). Reports
 the server's memory before (after a warm-up of small events), during and after (it must come
 back within 200 MB of the start) and the feedback log's size (it must not grow: none of these
 replies is the server's).
@@ -67,8 +68,11 @@ def run(url: str, pid: int, events: int, megabytes: float, threads: int, feedbac
     def sender() -> None:
         nonlocal peak_mb
         for n in counter:
-            if n % 2:
+            if n % 3 == 1:
                 outcome = send(url, config, f"rater{n}", api_name=None, event="like", data=[history], event_data=rating)
+            elif n % 3 == 2:
+                outcome = send(url, config, f"sender{n}", api_name=None, event="submit",
+                               data=[{"text": "hi", "files": []}, history, f"question{n}"], event_data=None)
             else:
                 outcome = send(url, config, f"asker{n}", api_name="chat", event=None,
                                data=[{"text": "hi", "files": []}, history] + [None] * 9, event_data=None)
@@ -84,11 +88,14 @@ def run(url: str, pid: int, events: int, megabytes: float, threads: int, feedbac
         worker.join()
     seconds = time.monotonic() - began
     end_mb = process.memory_info().rss / 2**20
-    time.sleep(10)
-    settled_mb = process.memory_info().rss / 2**20
+    after = {}
+    for wait in (10, 20, 30):  # the monitor hands freed malloc pages back every 2 s
+        time.sleep(wait - (max(after) if after else 0))
+        after[wait] = process.memory_info().rss / 2**20
+    settled_mb = after[30]
     return {"events": events, "mb_each": megabytes, "seconds": round(seconds, 1), "outcomes": outcomes,
             "rss_mb": {"start": round(start_mb), "peak": round(peak_mb), "end": round(end_mb),
-                       "after_10s": round(settled_mb)},
+                       **{f"after_{wait}s": round(mb) for wait, mb in after.items()}},
             "rss_growth_mb": round(settled_mb - start_mb),
             "feedback_log_bytes": feedback_log.stat().st_size if feedback_log.exists() else 0}
 

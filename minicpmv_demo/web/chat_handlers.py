@@ -1,10 +1,10 @@
 """What the page's chat events do. They only talk to `ChatService` (and through it the engine,
 which owns the model): no handler touches the model.
 
-A question goes in two steps. `ask` runs at once, outside the queue: it shows the question in
-the chat with its place in line and hands it on (the `pending` state, by question id). `answer`
-runs in the queue when the question's turn comes and streams the reply in place of the note.
-So a question never waits unseen in the input box, however long the queue.
+A question goes in two steps. `ask` runs at once, outside the model's queue: it shows the
+question in the chat with its place in line and keeps it by question id (`WaitingQuestions`).
+`answer` runs in the queue when the question's turn comes and streams the reply in place of the
+note. So a question never waits unseen in the input box, however long the queue.
 
 A request the service refuses (InputError) is a notice and nothing else: the question leaves
 the chat and goes back to the box to be fixed, so it never poisons the history that later
@@ -20,20 +20,20 @@ from pathlib import Path
 import gradio as gr
 
 from ..engine import FinishReason, ReplyError, ReplyStream
-from ..intake.message import InputError, check_file, file_path
+from ..intake.message import InputError, check_file, content_parts, file_path
 from ..intake.videos import is_video_path
 from .chat_service import ChatService
 from .chat_view import (ReplyView, error_note, foot, reply_id_of, split_last_user_turn, stats_foot, user_bubbles,
                         waiting_note)
 from .feedback import RATINGS, AnsweredReplies, FeedbackLog
-from .questions import LiveQuestions
+from .questions import LiveQuestions, WaitingQuestion, WaitingQuestions
 from .waiting import WaitingLine
 
 ANSWERING_PLACEHOLDER = "Answering… press ■ to stop. You can type your next question; send it when the answer ends."
 MORE_TOKENS = "more-tokens:"  # the option under a reply that ran out of tokens while thinking, + the count
 RESIZED = re.compile(r"^(?P<name>.+) was downscaled from \S+ to \S+\.$")
 
-# What `ask` and its siblings return: the chat, the box, the question id, the pending question.
+# What `ask` and its siblings return: the chat, the box and the question id.
 Asked = tuple
 
 
@@ -58,85 +58,111 @@ class ChatHandlers:
         self.waiting = waiting
         self.feedback = feedback
         self.questions = LiveQuestions()
+        self.waiting_questions = WaitingQuestions()
         self.replies = AnsweredReplies()
 
     # -- a question goes in ---------------------------------------------------------------------
-    def ask(self, message, history, question_id: str) -> Asked:
-        """Show the question at once, with its place in line; `answer` takes it from `pending`."""
+    def ask(self, message, history, question_id: str, request: gr.Request) -> Asked:
+        """Show the question at once, with its place in line; `answer` takes it from there."""
         message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
-        text = message.get("text") or ""
-        if not text.strip() and not message.get("files"):
+        if not (message.get("text") or "").strip() and not message.get("files"):
             gr.Warning("Please type a question or attach an image (or a video).")
-            return gr.skip(), gr.skip(), gr.skip(), None
-        if len(text) > self.service.settings.max_message_chars:
-            gr.Warning(f"The message is too long: {len(text):,} characters (the limit is "
-                       f"{self.service.settings.max_message_chars:,}). Please shorten it.")
-            return gr.skip(), gr.skip(), gr.skip(), None
-        return self._asked(list(history or []), message, question_id, empty_box=True)
+            return gr.skip(), gr.skip(), gr.skip()
+        return self._asked(history, message, question_id, request, empty_box=True)
 
-    def ask_again(self, history, question_id: str) -> Asked:
+    def ask_again(self, history, question_id: str, request: gr.Request) -> Asked:
         """Retry: the last question again, in place of its answer."""
         earlier, message = split_last_user_turn(history)
         if message is None:
             gr.Info("Nothing to retry yet.")
-            return gr.skip(), gr.skip(), gr.skip(), None
-        return self._asked(earlier, message, question_id)
+            return gr.skip(), gr.skip(), gr.skip()
+        return self._asked(earlier, message, question_id, request)
 
-    def ask_with_more_tokens(self, history, question_id: str, selected: gr.SelectData) -> tuple:
+    def ask_with_more_tokens(self, history, question_id: str, selected: gr.SelectData, request: gr.Request) -> tuple:
         """The option under a reply that ran out of tokens while thinking: retry with the count it
         names (twice as many), which the max-new-tokens slider takes too."""
         value = str(selected.value or "")
         count = value.removeprefix(MORE_TOKENS)
         if not value.startswith(MORE_TOKENS) or not count.isdigit():
-            return gr.skip(), gr.skip(), gr.skip(), None, gr.skip()
-        return (*self.ask_again(history, question_id), min(int(count), self.service.settings.max_new_tokens))
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (*self.ask_again(history, question_id, request),
+                min(int(count), self.service.settings.max_new_tokens))
 
-    def _asked(self, earlier: list[dict], message: dict, question_id: str, empty_box: bool = False) -> Asked:
+    def _asked(self, history, message: dict, question_id: str, request: gr.Request, empty_box: bool = False) -> Asked:
+        """Keep the question for its answer and draw it with its place in line; a question over
+        the limits a message and a chat may hold stays in the box with a notice instead."""
+        earlier = list(history or []) if isinstance(history, (list, tuple)) else []
+        size = self._checked_size(message, earlier)
+        if size is None:
+            return gr.skip(), gr.skip(), gr.skip()
         shown = earlier + user_bubbles(message)
-        pending = {"id": question_id, "message": message, "history": earlier, "shown": shown}
+        self.waiting_questions.put((request.session_hash or "", question_id),
+                                   WaitingQuestion(message=message, history=earlier, shown=shown, size=size))
         box = busy_box({"text": "", "files": []} if empty_box else None)
-        return shown + [waiting_note(self.waiting.ahead())], box, question_id, pending
+        return shown + [waiting_note(self.waiting.ahead())], box, question_id
+
+    def _checked_size(self, message: dict, history: list) -> int | None:
+        """The characters of text a question and its chat hold, or None (with a notice) when they
+        are over the limits: checked before anything is kept (files are checked by `answer`)."""
+        rules = self.service.rules
+        try:
+            text = message.get("text") or ""
+            if not isinstance(text, str) or len(text) > rules.max_message_chars:
+                raise InputError(f"The message is too long: {len(str(text)):,} characters (the limit is "
+                                 f"{rules.max_message_chars:,}). Please shorten it.")
+            if len(history) > rules.max_history_messages:
+                raise InputError(f"The chat is too long: {len(history):,} earlier messages (the limit is "
+                                 f"{rules.max_history_messages:,}). Start a new chat.")
+            chars = sum(len(part) for entry in history if isinstance(entry, dict)
+                        for part in content_parts(entry.get("content"))[0])
+            if chars > rules.max_history_chars:
+                raise InputError(f"The chat is too long: its earlier messages hold over "
+                                 f"{rules.max_history_chars:,} characters. Start a new chat.")
+        except InputError as exc:
+            gr.Warning(str(exc))
+            return None
+        return chars + len(text)
 
     # -- its answer -----------------------------------------------------------------------------
-    def answer(self, pending, question_id: str, max_new, temperature, top_p, top_k, penalty, thinking, fine_detail,
+    def answer(self, question_id: str, max_new, temperature, top_p, top_k, penalty, thinking, fine_detail,
                slices, frames, system, request: gr.Request) -> Iterator[tuple]:
-        """Check and queue the pending question, then stream its reply into the chat."""
-        if not pending or pending.get("id") != question_id:
-            yield gr.skip(), gr.skip()  # `ask` refused the question: nothing to answer
+        """Check and queue the question `ask` kept, then stream its reply into the chat."""
+        key = (request.session_hash or "", question_id or "")
+        question = self.waiting_questions.take(key)
+        if question is None:  # `ask` refused it (or, flooded, forgot it)
+            yield gr.skip(), gr.skip()
             return
-        key = (request.session_hash or "", question_id)
-        shown = pending["shown"]
         if self.questions.stopped_before_start(key):
             self.questions.end(key)
-            yield shown + [foot("■ stopped before the answer began", reply_id=None)], gr.skip()
+            yield question.shown + [foot("■ stopped before the answer began", reply_id=None)], gr.skip()
             return
         try:
             params = self.service.params(max_new, temperature, top_p, top_k, penalty)
             options = self.service.options(enable_thinking=bool(thinking), downsample_mode="4x" if fine_detail else "16x",
                                            max_slice_nums=slices, max_num_frames=frames)
-            stream, _ = self.service.submit(pending["message"], pending["history"], params, system or "",
+            stream, _ = self.service.submit(question.message, question.history, params, system or "",
                                             options=options)
         except InputError as exc:
             self.questions.end(key)
             gr.Warning(str(exc))
-            yield pending["history"], pending["message"]  # the question goes back to the box
+            yield question.history, question.message  # the question goes back to the box
             return
         self.questions.start(key, stream)
         try:
-            yield from self._streamed(stream, pending)
+            yield from self._streamed(stream, question)
         finally:
             stream.cancel()  # no-op when finished; frees the row when the tab closed mid-answer
             self.questions.end(key)
 
-    def _streamed(self, stream: ReplyStream, pending: dict) -> Iterator[tuple]:
-        shown, view = pending["shown"], ReplyView(thinking=stream.thinking)
+    def _streamed(self, stream: ReplyStream, question: WaitingQuestion) -> Iterator[tuple]:
+        shown, view = question.shown, ReplyView(thinking=stream.thinking)
         told = 0
         try:
             for text in stream.updates(self.service.current_stream_interval):
                 told = self._tell(stream, told)
                 yield shown + view.messages(text), gr.skip()
             self._tell(stream, told)
-            yield shown + view.messages(stream.text, ended=True) + [self._foot(stream, view, pending)], gr.skip()
+            yield shown + view.messages(stream.text, ended=True) + [self._foot(stream, view, question)], gr.skip()
         except ReplyError as exc:
             yield shown + view.messages(stream.text, ended=True) + [error_note(str(exc))], gr.skip()
 
@@ -147,9 +173,9 @@ class ChatHandlers:
             gr.Info(friendly_notice(notice))
         return len(stream.notices)
 
-    def _foot(self, stream: ReplyStream, view: ReplyView, pending: dict) -> dict:
+    def _foot(self, stream: ReplyStream, view: ReplyView, question: WaitingQuestion) -> dict:
         """The finished reply's foot line; the reply is kept under an id its ratings name."""
-        message = pending["message"]
+        message = question.message
         reply_id = self.replies.add(question=message.get("text") or "",
                                     images=[Path(file_path(f)).name for f in message.get("files") or []],
                                     answer=view.answer(stream.text), model=self.model_name)

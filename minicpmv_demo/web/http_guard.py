@@ -6,7 +6,9 @@ an unauthenticated 300 MB body was read into memory before its 401. This pure AS
 sees the request line and headers first and decides there:
 
 - body size: refused with 413 from Content-Length before a byte is read, and counted while the
-  body arrives (a chunked body has no Content-Length), stopping at the limit;
+  body arrives (a chunked body has no Content-Length), stopping at the limit; an event of the
+  page or of /chat carries at most a message and a chat within the history limits, so its
+  limit is that (about 8 MB), not --max-body-mb;
 - the OpenAI routes and FastAPI's schema pages need the API key when --auth is set, before
   their body is read;
 - failed logins (the page's and API keys) are counted per client address; past the limit that
@@ -34,6 +36,9 @@ API_PREFIX = "/v1/"
 SCHEMA_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 LOGIN_PATHS = frozenset({"/login", "/login/"})
 UPLOAD_PATHS = frozenset({"/gradio_api/upload", "/gradio_api/upload/"})
+# Gradio's event routes: queued events, outside-the-queue events, REST calls of the API.
+EVENT_PREFIXES = ("/gradio_api/queue/join", "/gradio_api/run/", "/gradio_api/call/")
+JSON_BYTES_PER_CHAR = 6  # the longest a character gets in JSON ("\uXXXX")
 
 
 def api_key_ok(authorization: str, pair: tuple[str, str]) -> bool:
@@ -64,6 +69,12 @@ class HttpGuard:
         self.upload_message = (f"Upload too large: one request may carry at most {settings.max_images} files "
                                f"of {settings.max_upload_mb:g} MB (the server's --max-images and --max-file-mb "
                                "or --max-video-mb).")
+        # A message and a chat within their limits, written as JSON at its longest, and room for
+        # the rest of the event; Gradio keeps an event's body while the event runs, and after.
+        text = settings.max_message_chars + settings.max_history_chars
+        self.event_limit = min(self.body_limit, text * JSON_BYTES_PER_CHAR + MB)
+        self.event_message = (f"The request is larger than {self.event_limit / MB:.0f} MB: more than a message "
+                              "and a chat within the server's limits (--max-message-chars, --max-history-chars).")
         self.throttle = LoginThrottle(settings.login_failures)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,8 +100,12 @@ class HttpGuard:
                               "authentication_error", {"www-authenticate": challenge})
                 return
             self.throttle.succeeded(client)
-        upload = path in UPLOAD_PATHS
-        limit, message = (self.upload_limit, self.upload_message) if upload else (self.body_limit, self.body_message)
+        if path in UPLOAD_PATHS:
+            limit, message = self.upload_limit, self.upload_message
+        elif path.startswith(EVENT_PREFIXES):
+            limit, message = self.event_limit, self.event_message
+        else:
+            limit, message = self.body_limit, self.body_message
         declared = _content_length(headers)
         if declared is not None and declared > limit:
             await _refuse(send, 413, message)

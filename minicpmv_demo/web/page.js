@@ -37,6 +37,7 @@
   page.loaded = () => {
     const list = document.querySelector("#past-chats input");
     if (list) list.placeholder = "Past chats (kept in this browser)";
+    page.ready = true; // the saved chat is restored: what the visitor does now is not overwritten
     return page.focusBox();
   };
 

@@ -167,20 +167,19 @@ def _server_plots(engine: ServingEngine) -> list[gr.LinePlot]:
     with gr.Row():
         # Two plots: on one, a queue of 0 hid under the batch line.
         batch = gr.LinePlot(y="requests", title="Batch size", y_lim=[0, engine.max_batch], y_axis_format="~g", **plot)
-        queue = gr.LinePlot(y="requests", title="Waiting in queue", y_lim=[0, None], y_axis_format="~g", **plot)
+        queue = gr.LinePlot(y="requests", title="Waiting in the engine's queue", y_lim=[0, None], y_axis_format="~g", **plot)
     return [memory, speed, batch, queue]
 
 
 def _unseen_parts() -> dict:
     """What the page keeps without showing it: the id of the question being answered (Stop
-    names it), the question waiting for its turn, the chats saved in the browser, and the
-    buttons the row under a reply presses (the page script clicks them)."""
+    names it), the chats saved in the browser, and the buttons the row under a reply presses
+    (the page script clicks them)."""
     with gr.Group(visible=False):
         question_id, notice_text = gr.Textbox(), gr.Textbox()
     return {
         "question_id": question_id,
         "notice_text": notice_text,
-        "pending": gr.State(None),
         "saved": gr.BrowserState(None, storage_key=SAVED_CHATS_KEY, secret=SAVED_CHATS_SECRET),
         "retry": gr.Button("Retry", visible="hidden", elem_id="retry-question"),
         "edit": gr.Button("Edit", visible="hidden", elem_id="edit-question"),

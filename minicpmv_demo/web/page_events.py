@@ -52,7 +52,6 @@ class PageParts:
     plots: list[gr.LinePlot]
     question_id: gr.Textbox
     notice_text: gr.Textbox
-    pending: gr.State
     saved: gr.BrowserState
     retry: gr.Button
     edit: gr.Button
@@ -87,8 +86,8 @@ def idle_box(service: ChatService) -> dict:
 
 def _wire_questions(page: PageParts, handlers: ChatHandlers, model_event: dict, idle: dict) -> None:
     """Send, Retry and "Retry with more tokens": ask (at once), then answer (in the queue)."""
-    asked = [page.chatbot, page.chat_input, page.question_id, page.pending]
-    answer_inputs = [page.pending, page.question_id, *page.settings]
+    asked = [page.chatbot, page.chat_input, page.question_id]
+    answer_inputs = [page.question_id, *page.settings]
     answer_event = {**model_event, "api_visibility": "private", "show_progress": "hidden"}
     save = _save_chat(page)
 

@@ -4,12 +4,12 @@ Gradio keeps a state per session (up to `state_session_capacity` of them, least 
 forgotten first), and in it, by default, a copy of the last value every component sent or was
 sent, so that a "deep link" can rebuild the page later. An event that carries a large value (a
 long chat, a forged history) left that copy behind for good: 40 such events kept 1.5 GB. This
-page offers no deep links, so its sessions keep no such copies: `gr.State` values and component
-updates stay (the page's own), event values go with the event. With `--page-sessions` as the
+page offers no deep links, so its sessions keep no such copies (nor the copy of the whole page
+config each session started with): component updates stay (the page's own), event values go
+with the event. With `--page-sessions` as the
 capacity, what sessions hold is bounded by the page's own state, not by what clients send.
 
-Gradio has no public switch for this; the two classes below override one method each of its
-session store, and `tests/web/test_page_sessions.py` fails if an upgrade changes what they rely on.
+Gradio has no public switch for this; the two classes below adjust its session store, and `tests/web/test_page_sessions.py` fails if an upgrade changes what they rely on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ from gradio.state_holder import SessionState, StateHolder
 
 
 class LeanSessionState(SessionState):
-    """A session's state without the copy of each event's values (kept for deep links only)."""
+    """A session's state without the copies kept for deep links only: the page's whole config
+    (about 100 KB, per session) and each event's values."""
+
+    def __init__(self, blocks: gr.Blocks) -> None:
+        super().__init__(blocks)
+        self.config_values = {}  # filled again only by component updates, one small entry each
 
     def _update_value_in_config(self, key: int, value: Any) -> None:
         return None

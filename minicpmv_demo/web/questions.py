@@ -10,12 +10,17 @@ draws the final "■ stopped" reply with its stats. One writer per reply: nothin
   alone, and the answer, when its turn comes, ends at once as stopped.
 - Stop after the answer ended, or a second Stop: nothing happens.
 Ids are scoped by the browser session, so a page can only stop its own questions.
+
+`WaitingQuestions` holds a question between the moment it is shown and the moment its answer
+begins (it may wait in the queue): the server's own bounded store, not Gradio's session state,
+so what questions a client leaves unanswered can keep is capped.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from ..engine import ReplyStream
 
@@ -72,3 +77,44 @@ def _remember(memory: OrderedDict[Key, None], key: Key, limit: int) -> None:
     memory.move_to_end(key)
     while len(memory) > limit:
         memory.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class WaitingQuestion:
+    """A question shown in the chat whose answer has not begun."""
+
+    message: dict  # {"text", "files"} as sent
+    history: list[dict]  # the chat before it
+    shown: list[dict]  # the chat with it, as the page drew it
+    size: int  # the characters of text it holds: what keeping it costs
+
+
+class WaitingQuestions:
+    """Questions waiting for their answer, by key, at most `max_chars` of text in all (the
+    oldest are forgotten first: only a client that asks and never lets its answers run loses
+    any, and the page then says so)."""
+
+    def __init__(self, max_chars: int = 32_000_000) -> None:
+        self.max_chars = max_chars
+        self._lock = threading.Lock()
+        self._questions: OrderedDict[Key, WaitingQuestion] = OrderedDict()
+        self._chars = 0
+
+    def put(self, key: Key, question: WaitingQuestion) -> None:
+        with self._lock:
+            old = self._questions.pop(key, None)
+            self._chars += question.size - (old.size if old else 0)
+            self._questions[key] = question
+            while self._chars > self.max_chars and len(self._questions) > 1:
+                _, forgotten = self._questions.popitem(last=False)
+                self._chars -= forgotten.size
+
+    def take(self, key: Key) -> WaitingQuestion | None:
+        with self._lock:
+            question = self._questions.pop(key, None)
+            if question is not None:
+                self._chars -= question.size
+            return question
+
+    def __len__(self) -> int:
+        return len(self._questions)

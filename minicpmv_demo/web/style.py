@@ -46,7 +46,7 @@ BASE_CSS = f"""
 body:has(#chat-input button[aria-label='Stop']) :is(#new-chat, #past-chats) {{ opacity: 0.5; pointer-events: none; }}
 
 /* The message box: a visible focus ring, the limits in a readable grey, a file counter. */
-#chat-input:focus-within {{ outline: 3px solid {ACCENT}; outline-offset: 2px; border-radius: 8px; }}
+#chat-input:focus-within {{ outline: 3px solid {ACCENT}; outline-offset: -3px; }}
 #chat-input textarea::placeholder {{ color: {TEXT_SECONDARY}; opacity: 1; }}
 #chat-input .thumbnails {{ counter-reset: files; align-items: center; }}
 #chat-input .thumbnail-item {{ counter-increment: files; }}
@@ -111,7 +111,7 @@ footer, footer a, footer button {{ color: {TEXT_SECONDARY} !important; opacity: 
   #chat-list button {{ min-height: 0; height: 34px; }}
   #chat-input {{ position: fixed; left: 8px; right: 8px; bottom: 8px; z-index: 20; width: auto !important;
     background: var(--background-fill-primary);
-    box-shadow: 0 0 0 8px var(--background-fill-primary), 0 -10px 18px 4px rgba(17, 24, 39, 0.10); }}
+    box-shadow: 0 0 0 8px var(--background-fill-primary), 0 -10px 18px 4px rgba(17, 24, 39, 0.10) !important; }}
   #chatbot .examples {{ display: grid; grid-template-columns: 1fr 1fr; gap: 6px; }}
   #chatbot .example {{ padding: 6px 8px; font-size: 13px; }}
   #chatbot .placeholder-content h3 {{ font-size: 16px; margin: 0; }}

@@ -35,10 +35,11 @@ def open_page(browser, url: str, size=DESKTOP):
 
 
 def wait_loaded(page) -> None:
+    """Until the page has connected and restored its saved chat (a page without the page script,
+    such as an older version, is ready when its examples show)."""
     page.locator("#chat-input textarea").wait_for()
-    # The load event restores the saved chat and then focuses the box: the page is connected.
-    page.wait_for_function("document.activeElement === document.querySelector('#chat-input textarea')",
-                           timeout=30_000)
+    page.wait_for_function("() => window.minicpmv ? window.minicpmv.ready === true"
+                           " : !!document.querySelector('#chatbot .example')", timeout=30_000)
 
 
 def set_settings(page, max_tokens: int | None = None, temperature: float | None = None,

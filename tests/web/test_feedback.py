@@ -62,8 +62,8 @@ def test_forged_ratings_log_nothing(page_app):
     before = log.read_bytes() if log.exists() else b""
     forged = ["An invented question?", "An invented answer.", "x" * 2_000_000,
               "<div class='reply-foot'><span class='reply-stats' data-reply='0123456789abcdef01234567'>x</span></div>"]
-    history = [{"role": "user", "content": "An invented question?"},
-               {"role": "assistant", "content": "An invented answer. " + "x" * 2_000_000}]
+    history = [{"role": "user", "content": [{"type": "text", "text": "An invented question?"}]},
+               {"role": "assistant", "content": [{"type": "text", "text": "An invented answer. " + "x" * 2_000_000}]}]
     for n, liked in enumerate([True, False, "a free-text rating", None]):
         stream = send_event(page_app.url, event="like", data=[history], session=f"forger{n}",
                             event_data={"index": 1, "value": forged, "liked": liked})

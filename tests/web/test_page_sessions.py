@@ -28,3 +28,22 @@ def test_sessions_are_bounded_and_keep_no_event_values(tiny_settings, loaded_tin
         assert kept_bytes(app) < 1_000_000, f"{kept_bytes(app):,} bytes of event values kept"
     finally:
         app.close()
+
+
+def test_an_event_carries_at_most_a_message_and_a_chat_within_the_limits(tiny_settings, loaded_tiny):
+    """Past them the event is refused before it is read (Gradio keeps an event's body while it
+    runs), with a message saying why; /chat with a chat at the limit still gets its answer."""
+    import httpx
+
+    app, url = launch_app(replace(tiny_settings, cache_size=0, max_history_chars=100_000,
+                                  max_message_chars=10_000), loaded_tiny)
+    try:
+        history = [{"role": "user", "content": "x" * 2_000_000}]  # over 6 bytes per character allowed
+        refused = httpx.post(f"{url}gradio_api/queue/join", json={"data": [{"text": "hi", "files": []}, history],
+                                                                  "fn_index": 0, "session_hash": "big"}, timeout=30)
+        assert refused.status_code == 413 and "--max-history-chars" in refused.text
+        within = [{"role": "user", "content": "y" * 90_000}, {"role": "assistant", "content": "z"}]
+        stream = send_event(url, api_name="chat", session="fits", data=[{"text": "hi", "files": []}, within, 4] + [None] * 8)
+        assert "process_completed" in stream and '"success":true' in stream.replace(" ", "")
+    finally:
+        app.close()

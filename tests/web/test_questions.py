@@ -43,3 +43,15 @@ def test_what_it_remembers_is_bounded():
         questions.stop(("tab", f"q{n}"))
         questions.end(("tab", f"e{n}"))
     assert not questions.stopped_before_start(("tab", "q0")) and questions.stopped_before_start(("tab", "q9"))
+
+
+def test_questions_waiting_for_their_answer_are_bounded_in_size():
+    from minicpmv_demo.web.questions import WaitingQuestion, WaitingQuestions
+
+    waiting = WaitingQuestions(max_chars=1000)
+    question = WaitingQuestion(message={"text": "q", "files": []}, history=[], shown=[], size=400)
+    for n in range(5):  # asked, and their answers never let run
+        waiting.put(("tab", f"q{n}"), question)
+    assert len(waiting) == 2, "the oldest are forgotten past the bound"
+    assert waiting.take(("tab", "q4")) is question and waiting.take(("tab", "q4")) is None, "taken once"
+    assert waiting.take(("tab", "q0")) is None
