@@ -15,11 +15,14 @@ other rows' tokens of the same step stand.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from .request import SamplingParams
+from .seen_tokens import SeenTokens
 
 
 @dataclass(frozen=True)
@@ -144,3 +147,43 @@ def warp(scores: torch.Tensor, settings: RowSettings) -> torch.Tensor:
 def _usable_rows(logits: torch.Tensor) -> torch.Tensor:
     """Rows [B] with no NaN or +inf and at least one finite score (bool, on the logits' device)."""
     return ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) & torch.isfinite(logits).any(dim=-1)
+
+
+class RowSampler:
+    """Draws the running requests' next tokens: one generator for the batch, seeded once (per
+    device), and the repetition penalty's record of what each request has seen."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._seen = SeenTokens()
+
+    def sample(self, rows: Sequence[Drawing], logits: torch.Tensor) -> Sampled:
+        """Each row's token from its logits [B, V] with its own settings (None: unusable logits)."""
+        if self._generator is None or self._generator.device != logits.device:
+            self._generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        return sample_for(logits, [row.params for row in rows], self._generator, self._seen_tokens(rows, logits))
+
+    def release(self, row: Drawing) -> None:
+        """Forget what `row` has seen (its reply ended)."""
+        self._seen.release(row)
+
+    @property
+    def held(self) -> int:
+        """Requests whose seen tokens are kept (those with a repetition penalty, until they end)."""
+        return self._seen.held
+
+    def _seen_tokens(self, rows: Sequence[Drawing], logits: torch.Tensor) -> torch.Tensor | None:
+        """What each row has seen so far, for the repetition penalty; None when no row has one."""
+        if all(row.params.repetition_penalty == 1.0 for row in rows):
+            return None
+        return self._seen.lookup([(row, row.prompt.ids, row.generated) if row.params.repetition_penalty != 1.0
+                                  else None for row in rows], logits)
+
+
+class Drawing(Protocol):
+    """A request as the sampler sees it (`engine.sequence.Sequence`)."""
+
+    params: SamplingParams
+    prompt: Any  # with `.ids`, the prompt's token ids
+    generated: list[int]

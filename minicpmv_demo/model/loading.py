@@ -73,7 +73,7 @@ class LoadedModel:
         toggle starts). Legacy 2.5 / 2.6 checkpoints never think."""
         if self.runner is None:
             return self.remote_thinks
-        return getattr(self.runner, "thinks_by_default", False)
+        return self.runner.thinks_by_default
 
     @classmethod
     def remote(cls, model_name: str, default_thinking: str = "auto") -> LoadedModel:

@@ -187,7 +187,7 @@ def test_a_long_history_is_trimmed_with_one_encode_of_what_fits(make_engine, loa
 def test_a_long_prompt_is_prefilled_in_pieces_while_the_batch_goes_on(make_engine):
     """A chat that fills the context arrives while another reply streams: it is prefilled a piece at
     a time with decode steps for the other between pieces, and answers what it answers alone."""
-    from minicpmv_demo.engine.engine import PREFILL_PIECE_TOKENS
+    from minicpmv_demo.engine.scheduler import PREFILL_PIECE_TOKENS
 
     history = long_history(12, 1200)
     long_chats = [ask("And now?", history=history), ask("And this one?", "scene.png", history=history)]

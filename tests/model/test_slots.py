@@ -221,7 +221,7 @@ def test_max_model_len_and_enforce_eager_settings():
 
 def test_zerogpu_keeps_no_slots_between_calls(make_engine):
     """On ZeroGPU each batch runs inside one lent GPU call: nothing may be preallocated outside it."""
-    from minicpmv_demo.system.zerogpu import decode_batch
+    from minicpmv_demo.engine.one_call import decode_batch
 
     engine = make_engine(max_batch=4, batch_call=decode_batch)
     assert engine._batch is None
