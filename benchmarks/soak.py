@@ -74,19 +74,21 @@ def message(rng: random.Random, files: list[str | Path]) -> dict:
     return {"text": rng.choice(PROMPTS), "files": [handle_file(str(f)) for f in files]}
 
 
-def user(index: int, url: str, deadline: float, report: Report, broken: list[Path]) -> None:
-    """One person with one browser session (its own client), asking until the time is up."""
+def user(index: int, url: str, deadline: float, rounds: int, report: Report, broken: list[Path]) -> None:
+    """One person with one browser session (its own client), asking `rounds` times or until the
+    time is up. Each user's requests are drawn from its own seed: with a fixed number of rounds
+    the mix is the same on any machine."""
     rng = random.Random(index)
     client = Client(url, verbose=False, ssl_verify=False)
     try:
-        ask_until(rng, url, client, deadline, report, broken)
+        ask_until(rng, url, client, deadline, rounds, report, broken)
     finally:
         client.close()
 
 
-def ask_until(rng: random.Random, url: str, client: Client, deadline: float, report: Report,
+def ask_until(rng: random.Random, url: str, client: Client, deadline: float, rounds: int, report: Report,
               broken: list[Path]) -> None:
-    for _ in range(MAX_REQUESTS_PER_USER):
+    for _ in range(rounds):
         if time.monotonic() >= deadline:
             return
         kind = rng.choices(["valid", "bad", "cancel", "abandon"], weights=[60, 15, 15, 10])[0]
@@ -135,7 +137,9 @@ def server_state(pid: int) -> dict:
     return {"rss_mb": round(process.memory_info().rss / 2**20, 1), "threads": process.num_threads()}
 
 
-def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
+def run(url: str, pid: int, users: int, duration: float, scratch: Path,
+        rounds: int = MAX_REQUESTS_PER_USER) -> dict:
+    """Load the app for `duration` seconds, or until each user made `rounds` requests."""
     broken = bad_files(scratch)
     client = Client(url, verbose=False, ssl_verify=False)
     client.predict(message=message(random.Random(0), [ASSETS / "scene.png"]), history=[], max_new_tokens=8,
@@ -144,11 +148,12 @@ def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
     report = Report()
     deadline = time.monotonic() + duration
     client.close()
-    threads = [threading.Thread(target=user, args=(i, url, deadline, report, broken), daemon=True)
+    threads = [threading.Thread(target=user, args=(i, url, deadline, rounds, report, broken), daemon=True)
                for i in range(users)]
     for thread in threads:
         thread.start()
-    memory = watch_memory(pid, deadline, duration / 4)
+    memory = watch_memory(pid, lambda: time.monotonic() >= deadline or not any(t.is_alive() for t in threads),
+                          min(duration / 4, 5.0))
     for thread in threads:
         thread.join(duration + 180)
     settled = wait_settled(url)
@@ -162,11 +167,13 @@ def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
             "settled": settled, "lost_details": report.lost[:10]}
 
 
-def watch_memory(pid: int, deadline: float, every: float) -> list[float]:
-    """The server's memory at each quarter of the load: warm caches level off, a leak keeps rising."""
+def watch_memory(pid: int, done, every: float) -> list[float]:
+    """The server's memory every `every` seconds of the load, until `done()`: warm caches level
+    off, a leak keeps rising."""
     samples = []
-    while time.monotonic() < deadline:
-        time.sleep(min(every, max(0.0, deadline - time.monotonic())))
+    stop = threading.Event()
+    while not done():
+        stop.wait(every)
         samples.append(server_state(pid)["rss_mb"])
     return samples
 
