@@ -21,7 +21,7 @@ from minicpmv_demo.intake.conversation import Conversation, Turn
 from minicpmv_demo.engine import Engine
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model import load_model
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
 from minicpmv_demo.config.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -62,14 +62,14 @@ def make_engine(loaded_tiny):
             engine.shutdown()
 
 
-class HeldRunner(NativeRunner):
+class HeldRunner(MiniCPMV4Runner):
     """The tiny model's runner, whose decode steps wait while `go` is clear.
 
     A test clears `go`, asks, reads the reply's first piece (the prefill's token), then sets
     `go`: the rest is made only after the first piece was seen, on a machine of any speed.
     """
 
-    def __init__(self, runner: NativeRunner) -> None:
+    def __init__(self, runner: MiniCPMV4Runner) -> None:
         super().__init__(runner.model, runner.processor, thinks_by_default=runner.thinks_by_default)
         self.go = threading.Event()
         self.go.set()

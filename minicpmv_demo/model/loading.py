@@ -17,7 +17,7 @@ import torch
 
 from ..config.settings import TINY_MODEL, Settings
 from .legacy import CHAT_SAMPLING, LegacyRunner
-from .minicpmv4.runner import NativeRunner
+from .minicpmv4.runner import MiniCPMV4Runner
 from .sampling_defaults import checkpoint_sampling
 from .minicpmv4.tiny import ensure_tiny_model
 
@@ -43,7 +43,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    runner: NativeRunner | LegacyRunner | None  # None: the model runs on a backend (`--backend`)
+    runner: MiniCPMV4Runner | LegacyRunner | None  # None: the model runs on a backend (`--backend`)
     model_id: str
     is_tiny: bool
     device: str
@@ -206,12 +206,12 @@ def thinks_by_default(choice: str, model_id: str) -> bool:
     return "thinking" in model_id.lower()
 
 
-def _load_native(source: str, kwargs: dict, thinks: bool) -> NativeRunner:
+def _load_native(source: str, kwargs: dict, thinks: bool) -> MiniCPMV4Runner:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(source)
     model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).eval()
-    return NativeRunner(model, processor, thinks_by_default=thinks)
+    return MiniCPMV4Runner(model, processor, thinks_by_default=thinks)
 
 
 def _load_legacy(source: str, kwargs: dict) -> LegacyRunner:

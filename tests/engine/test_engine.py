@@ -13,7 +13,7 @@ from conftest import ask, run_concurrently, wait_until
 from minicpmv_demo.web.chat_service import ChatService
 from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
 QUESTIONS = [
@@ -26,7 +26,7 @@ QUESTIONS = [
 ]
 
 
-def reference_reply(runner: NativeRunner, conversation, max_new_tokens: int) -> str:
+def reference_reply(runner: MiniCPMV4Runner, conversation, max_new_tokens: int) -> str:
     """What plain `model.generate` (greedy) answers: the ground truth for the engine's loop."""
     prompt = runner.encode(conversation)
     inputs = dict(prompt.inputs)
@@ -81,7 +81,7 @@ def test_rows_finish_on_their_own_eos(make_engine, loaded_tiny):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # untie from the embeddings
         row = model.lm_head.weight[runner.tokenizer.convert_tokens_to_ids(word)]
         model.lm_head.weight[runner.tokenizer.eos_token_id] = row * 1.01
-    eos_runner = NativeRunner(model, runner.processor)
+    eos_runner = MiniCPMV4Runner(model, runner.processor)
     solo = make_engine(eos_runner, max_batch=1)
     alone = [solo.submit(c, GREEDY) for c in QUESTIONS]
     expected = [(s.result(timeout=60), s.stats.finish_reason) for s in alone]
@@ -209,7 +209,7 @@ def test_waiting_requests_are_prefilled_together_and_images_encoded_once(make_en
     expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS]
     solo.shutdown()
     counting = OutOfMemoryModel(runner.model, max_rows=99)
-    engine = make_engine(NativeRunner(counting, runner.processor), started=False, max_batch=8)
+    engine = make_engine(MiniCPMV4Runner(counting, runner.processor), started=False, max_batch=8)
     streams = [engine.submit(c, GREEDY) for c in QUESTIONS]
     engine.start()
     assert [s.result(timeout=60) for s in streams] == expected
@@ -228,7 +228,7 @@ def test_out_of_memory_splits_the_batch_and_everyone_finishes(make_engine, loade
     expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS[:5]]
     solo.shutdown()
     flaky = OutOfMemoryModel(runner.model, max_rows=2, phase=phase)
-    engine = make_engine(NativeRunner(flaky, runner.processor), started=False, max_batch=8)
+    engine = make_engine(MiniCPMV4Runner(flaky, runner.processor), started=False, max_batch=8)
     streams = [engine.submit(c, GREEDY) for c in QUESTIONS[:5]]
     engine.start()
     assert [s.result(timeout=60) for s in streams] == expected
@@ -242,7 +242,7 @@ def test_request_too_large_even_alone_gets_a_clear_error(make_engine, loaded_tin
     runner = loaded_tiny.runner
     big = ask("Compare them.", "chart.png", "scene.png", "receipt.png")
     limit = runner.encode(big).length - 1
-    engine = make_engine(NativeRunner(OutOfMemoryModel(runner.model, max_rows=8, max_prompt=limit),
+    engine = make_engine(MiniCPMV4Runner(OutOfMemoryModel(runner.model, max_rows=8, max_prompt=limit),
                                       runner.processor), max_batch=4)
     fine, too_big = engine.submit(QUESTIONS[0], GREEDY), engine.submit(big, GREEDY)
     with pytest.raises(ReplyError, match="does not fit in the GPU memory"):
@@ -262,7 +262,7 @@ def test_model_exception_fails_only_that_batch(make_engine, loaded_tiny):
                 Broken.fail_next = False
                 raise RuntimeError("device-side assert triggered")
 
-    engine = make_engine(NativeRunner(Broken(runner.model, max_rows=8), runner.processor), max_batch=4)
+    engine = make_engine(MiniCPMV4Runner(Broken(runner.model, max_rows=8), runner.processor), max_batch=4)
     with pytest.raises(ReplyError, match="try again"):
         engine.submit(QUESTIONS[0], GREEDY).result(timeout=60)
     assert engine.alive and engine.restarts == 1

@@ -17,7 +17,7 @@ from conftest import ask
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.slots import fill_holes
 from minicpmv_demo.model.graphs import DecodeGraphs, batch_buckets, bucket_for, build_graphs, capture_decode_graphs
-from minicpmv_demo.model.minicpmv4.runner import SlotBatch
+from minicpmv_demo.model.batched_runner import SlotBatch
 from minicpmv_demo.model.slot_cache import SlotCache
 from minicpmv_demo.config.settings import parse_settings
 

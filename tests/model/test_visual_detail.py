@@ -18,7 +18,7 @@ from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model.legacy import LegacyRunner
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner, _visual_key
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner, _visual_key
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
@@ -37,14 +37,14 @@ def question(image, options: PromptOptions = PromptOptions(), text: str = "What 
     return Conversation(turns=(Turn("user", text, images=(image,)),), options=options)
 
 
-def placeholders(runner: NativeRunner, conversation: Conversation) -> int:
+def placeholders(runner: MiniCPMV4Runner, conversation: Conversation) -> int:
     ids = runner.encode(conversation).inputs["input_ids"][0]
     return int((ids == runner.model.config.image_token_id).sum())
 
 
-def fresh_runner(loaded) -> NativeRunner:
+def fresh_runner(loaded) -> MiniCPMV4Runner:
     """A runner of its own (empty caches) on the shared tiny model."""
-    return NativeRunner(loaded.runner.model, loaded.runner.processor)
+    return MiniCPMV4Runner(loaded.runner.model, loaded.runner.processor)
 
 
 def test_fine_detail_gives_four_times_the_visual_tokens_and_another_vision_output(tmp_path, loaded_tiny):
