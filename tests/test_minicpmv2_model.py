@@ -46,6 +46,19 @@ def test_loads_with_plain_from_pretrained_and_no_remote_code(tiny_v25_dir):
     assert model.config.max_position_embeddings == 8192 and processor.query_num == 8
 
 
+@pytest.mark.parametrize("options", [{"device_map": "auto"}, {"attn_implementation": "eager"}])
+def test_loading_options(tiny_v25_dir, v25_model, v25_processor, options):
+    """device_map (a runner may spread a model over devices) and another attention kernel give
+    the same answer."""
+    model = MiniCPMV25.from_pretrained(tiny_v25_dir, dtype=torch.float32, **options).eval()
+    messages = [{"role": "user", "content": [Image.open(ASSETS / "favicon.png"), "What is it?"]}]
+    assert answer(model, v25_processor, messages, 6)[2] == answer(v25_model, v25_processor, messages, 6)[2]
+
+
+def test_no_slices_give_no_features(v25_model):
+    assert v25_model.vision_features([], torch.zeros((0, 2), dtype=torch.int32)).shape == (0, 8, 256)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_position_table_is_filled_after_from_pretrained(tiny_v25_dir, dtype):
     model = MiniCPMV25.from_pretrained(tiny_v25_dir, dtype=dtype)

@@ -147,6 +147,8 @@ class MiniCPMVBase(PreTrainedModel):
         """
         if len(pixel_values) != len(tgt_sizes):
             raise ValueError(f"{len(pixel_values)} slices but {len(tgt_sizes)} sizes")
+        if not len(pixel_values):
+            return self.resampler.query.new_zeros((0, *self.resampler.query.shape))
         if not getattr(self.config, "batch_vision_input", True) and len(pixel_values) > 1:
             # One slice at a time, as the release does without `batch_vision_input`.
             return torch.cat([self.vision_features([one], tgt_sizes[i : i + 1]) for i, one in enumerate(pixel_values)])
