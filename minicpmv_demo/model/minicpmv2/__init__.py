@@ -1,14 +1,17 @@
-"""MiniCPM-V 2.5 (MiniCPM-Llama3-V 2.5) as the project's own native transformers model.
+"""MiniCPM-V 2.5 (MiniCPM-Llama3-V 2.5) and 2.6 as the project's own native transformers models.
 
-Reads the published checkpoints (`openbmb/MiniCPM-Llama3-V-2_5`, its `-int4` twin) with plain
-`from_pretrained`, no `trust_remote_code`, and computes what the release's own code computes
-(checked against it: see the report of branch v25-model). One file per concern:
+Reads the published checkpoints (`openbmb/MiniCPM-Llama3-V-2_5`, `openbmb/MiniCPM-V-2_6` and their
+`-int4` twins) with plain `from_pretrained`, no `trust_remote_code`. 2.5 computes what the 2.5
+release's own code computes (checked against it, token for token); 2.6 is 2.5 with small overrides
+written from the 2.6 release's documented behaviour (not run against its code). One file per concern:
 
-- config.py: `MiniCPMV25Config` (the release's config.json), `SliceSettings`
-- modeling.py: `MiniCPMV25` (llm / vpm / resampler; `vision_features`, `embed_prompt`)
+- config.py: `MiniCPMV25Config`, `MiniCPMV26Config` (the releases' config.json), `SliceSettings`
+- modeling.py: `MiniCPMV25`, `MiniCPMV26` (llm / vpm / resampler; `vision_features`, `embed_prompt`)
+- vision.py: 2.6's vision forward (NaViT positions per slice) on Idefics2's SigLIP modules
 - resampler.py: the perceiver resampler and its 2-D sine-cosine position table
 - slicing.py: pictures to slices and pixels
-- processing.py: `MiniCPMV25Processor` (chat format, placeholders, ids, stop ids, token counts)
+- processing.py: `MiniCPMV25Processor`, `MiniCPMV26Processor` (chat format, placeholders, ids,
+  stop ids, token counts)
 - tokenizer.py: the checkpoint's tokenizer through transformers' generic fast tokenizer
 - tiny.py: tiny offline checkpoints for tests
 
@@ -23,15 +26,16 @@ import os
 from pathlib import Path
 
 _EXPORTS = {
-    "MiniCPMV25Config": "config", "SliceSettings": "config",
-    "MiniCPMVBase": "modeling", "MiniCPMV25": "modeling",
+    "MiniCPMV25Config": "config", "MiniCPMV26Config": "config", "SliceSettings": "config",
+    "MiniCPMVBase": "modeling", "MiniCPMV25": "modeling", "MiniCPMV26": "modeling", "model_class": "modeling",
     "Resampler": "resampler",
     "SlicedPicture": "slicing",
-    "EncodedPrompt": "processing", "MiniCPMV25Processor": "processing",
+    "EncodedPrompt": "processing", "MiniCPMV25Processor": "processing", "MiniCPMV26Processor": "processing",
+    "load_processor": "processing",
     "load_tokenizer": "tokenizer",
-    "ensure_tiny_v25": "tiny",
+    "ensure_tiny_v25": "tiny", "ensure_tiny_v26": "tiny",
 }
-VERSIONS = ("2.5",)
+VERSIONS = ("2.5", "2.6")
 
 __all__ = [*_EXPORTS, "load", "checkpoint_version"]
 
@@ -56,9 +60,10 @@ def checkpoint_version(folder: str | os.PathLike) -> str:
 def load(folder: str | os.PathLike, **from_pretrained_kwargs):
     """(model, processor) of a local checkpoint folder; keyword arguments go to `from_pretrained`
     (`dtype`, `device_map`, `quantization_config`, `attn_implementation`, ...)."""
-    checkpoint_version(folder)
-    from .modeling import MiniCPMV25
-    from .processing import MiniCPMV25Processor
+    version = checkpoint_version(folder)
+    from .modeling import MiniCPMV25, MiniCPMV26
+    from .processing import load_processor
 
-    model = MiniCPMV25.from_pretrained(str(folder), **from_pretrained_kwargs).eval()
-    return model, MiniCPMV25Processor.from_pretrained(folder)
+    model_class = MiniCPMV25 if version == "2.5" else MiniCPMV26
+    model = model_class.from_pretrained(str(folder), **from_pretrained_kwargs).eval()
+    return model, load_processor(folder)

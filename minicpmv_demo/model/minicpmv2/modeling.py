@@ -1,8 +1,9 @@
-"""MiniCPM-V 2.5 as a native transformers model: the release's module tree, no remote code.
+"""MiniCPM-V 2.5 and 2.6 as native transformers models: the releases' module tree, no remote code.
 
-The module tree and so the weight names are the release's (`modeling_minicpmv.py: MiniCPMV` of the
-2.5 release): `llm` (transformers' `LlamaForCausalLM`), `vpm` (transformers'
-`Idefics2VisionTransformer`), `resampler` (resampler.py). So `from_pretrained` reads the published
+The module tree and so the weight names are the releases' (`modeling_minicpmv.py: MiniCPMV`):
+`llm` (transformers' `LlamaForCausalLM` for 2.5, `Qwen2ForCausalLM` for 2.6), `vpm`
+(transformers' `Idefics2VisionTransformer` for 2.5; the same modules with 2.6's NaViT forward,
+vision.py), `resampler` (resampler.py, the same in both). So `from_pretrained` reads the published
 safetensors as they are, pre-quantized bitsandbytes checkpoints included.
 
 What a runner calls (batch of one prompt; the engine batches and keeps its own caches):
@@ -21,12 +22,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
+from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 from transformers import initialization as init
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
-from .config import MiniCPMV25Config
+from .config import MiniCPMV25Config, MiniCPMV26Config
 from .resampler import Resampler, ResamplerAttention
+from .vision import NavitVisionTransformer
 
 # The release gives the resampler one attention head per 128 channels of the language model.
 RESAMPLER_HEAD_WIDTH = 128
@@ -242,3 +244,47 @@ class MiniCPMV25(MiniCPMVBase):
         padding correctly). A slice's features thus depend on the longest slice it is packed
         with: pass a whole prompt's slices together to get the release's numbers."""
         return self.vpm(pixels, patch_attention_mask=torch.ones_like(patch_mask)).last_hidden_state
+
+
+class MiniCPMV26(MiniCPMVBase):
+    """MiniCPM-V 2.6 (`openbmb/MiniCPM-V-2_6` and its `-int4` release): 2.5's tree with a Qwen2
+    text model and 2.6's vision forward (vision.py)."""
+
+    config_class = MiniCPMV26Config
+    config: MiniCPMV26Config
+    _no_split_modules = ["Qwen2DecoderLayer", "Idefics2EncoderLayer", "Resampler"]
+
+    def _build_llm(self, config: MiniCPMV26Config) -> nn.Module:
+        return Qwen2ForCausalLM(config)
+
+    def _build_vision(self, config: MiniCPMV26Config) -> nn.Module:
+        tower = NavitVisionTransformer(config.vision_config)
+        if config.drop_vision_last_layer:
+            tower.encoder.layers = tower.encoder.layers[:-1]
+        return tower
+
+    def _vision_attention(self) -> str:
+        """The release runs its tower with eager attention unless flash attention 2 was asked for."""
+        chosen = self.config._attn_implementation or ""
+        return chosen if chosen.startswith("flash_attention") else "eager"
+
+    def _run_vision(self, pixels: torch.Tensor, patch_mask: torch.Tensor, tgt_sizes: torch.Tensor) -> torch.Tensor:
+        """The tower over `vision_batch_size` slices at a time (as the release does), each slice
+        masked to its own patches and positioned on its own grid."""
+        # transformers gives sub-configs the model's attention kernel at load; 2.6 keeps its own rule
+        self.vpm.config._attn_implementation = self._vision_attention()
+        step = max(int(self.config.vision_batch_size), 1)
+        chunks = [self.vpm(pixels[start:start + step], patch_attention_mask=patch_mask[start:start + step],
+                           tgt_sizes=tgt_sizes[start:start + step]).last_hidden_state
+                  for start in range(0, pixels.shape[0], step)]
+        return torch.cat(chunks)
+
+
+def model_class(config) -> type[MiniCPMVBase]:
+    """The native class for a MiniCPM-V 2.x config (by its `version`)."""
+    version = float(getattr(config, "version", 2.5))
+    if version == 2.5:
+        return MiniCPMV25
+    if version == 2.6:
+        return MiniCPMV26
+    raise ValueError(f"MiniCPM-V {version} is not supported natively (2.5 and 2.6 are)")

@@ -1,4 +1,4 @@
-"""Prompts for MiniCPM-V 2.5: chat format, picture placeholders, token ids, stop ids.
+"""Prompts for MiniCPM-V 2.5 and 2.6: chat format, picture placeholders, token ids, stop ids.
 
 What the 2.5 release's `chat()` builds (`modeling_minicpmv.py: chat`, the chat template in its
 tokenizer_config.json, `processing_minicpmv.py: _convert`, `image_processing_minicpmv.py:
@@ -35,6 +35,16 @@ Differences on purpose, all outside what the release computes for an ordinary ch
   nothing is cut at 2048 tokens (the release's `max_inp_length`, which can cut through a picture):
   fitting a chat into the context is the engine's job.
 - Videos are refused.
+
+2.6 (`MiniCPMV26Processor`, small overrides) differs where its release differs:
+- ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message and `<|im_start|>assistant\\n`
+  to answer, with Qwen2's default system message ("You are a helpful assistant.") when the chat
+  has none; content is not stripped; the tokenizer adds nothing around the text (Qwen2).
+- A picture is `<image_id>{n}</image_id>` (n counts the prompt's pictures from 0, with
+  `use_image_id`) + `<image>` + query_num `<unk>` + `</image>`, then each slice as
+  `<slice>` + query_num `<unk>` + `</slice>`, the grid's rows joined by "\n"; every `<image>` and
+  `<slice>` range is a placeholder.
+- Stop ids: `<|im_end|>` and `<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ from PIL import Image
 
 from .config import SliceSettings
 from .slicing import SlicedPicture, Size, slice_grid, slice_picture
-from .tokenizer import IMAGE_END, IMAGE_PAD, IMAGE_START, SLICE_END, SLICE_START, load_tokenizer, token_id
+from .tokenizer import (IMAGE_END, IMAGE_ID_END, IMAGE_ID_START, IMAGE_PAD, IMAGE_START, SLICE_END, SLICE_START,
+                        load_tokenizer, token_id)
 
 if TYPE_CHECKING:
     from ...conversation import Conversation, PromptOptions, Turn
@@ -103,6 +114,33 @@ class Llama3ChatFormat:
     def stop_tokens(self, tokenizer) -> list[str]:
         return [tokenizer.eos_token, self.end_of_turn]
 
+    def default_system(self) -> str:
+        return ""
+
+
+@dataclass(frozen=True)
+class ChatMLFormat:
+    """MiniCPM-V 2.6's chat format (Qwen2's ChatML, with its default system message)."""
+
+    start: str = "<|im_start|>"
+    end: str = "<|im_end|>"
+    system: str = "You are a helpful assistant."
+
+    def opening(self) -> list[Part]:
+        return []
+
+    def message(self, role: str, content: list[Part]) -> list[Part]:
+        return [Special(self.start), f"{role}\n", *content, Special(self.end), "\n"]
+
+    def generation_prompt(self) -> list[Part]:
+        return [Special(self.start), "assistant\n"]
+
+    def stop_tokens(self, tokenizer) -> list[str]:
+        return [self.end, "<|endoftext|>"]
+
+    def default_system(self) -> str:
+        return self.system
+
 
 class MiniCPMV25Processor:
     """Pictures to slices, chats to token ids, for MiniCPM-Llama3-V 2.5.
@@ -111,16 +149,23 @@ class MiniCPMV25Processor:
     """
 
     version = 2.5
-    chat_format = Llama3ChatFormat()
+    chat_format: Llama3ChatFormat | ChatMLFormat = Llama3ChatFormat()
+    strip_content = True  # 2.5's template trims each message's content
+    # The markers whose ranges hold slice embeddings (2.6 adds <slice> .. </slice>).
+    placeholder_markers = ((IMAGE_START, IMAGE_END),)
+    default_query_num = 96
 
-    def __init__(self, tokenizer, slices: SliceSettings = SliceSettings(), query_num: int = 96) -> None:
+    def __init__(self, tokenizer, slices: SliceSettings = SliceSettings(), query_num: int | None = None,
+                 use_image_id: bool = False) -> None:
         self.tokenizer = tokenizer
         self.slices = slices
-        self.query_num = query_num
+        self.query_num = query_num or self.default_query_num
+        self.use_image_id = use_image_id
         self._special_ids: dict[str, int] = {}
         self._prefix, self._suffix = _post_processor_additions(tokenizer)
         self.stop_token_ids: frozenset[int] = frozenset(self._id(token) for token in self.chat_format.stop_tokens(tokenizer))
-        self.image_start_id, self.image_end_id = self._id(IMAGE_START), self._id(IMAGE_END)
+        self._starts = {self._id(start) for start, _ in self.placeholder_markers}
+        self._ends = {self._id(end) for _, end in self.placeholder_markers}
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> MiniCPMV25Processor:
@@ -135,7 +180,10 @@ class MiniCPMV25Processor:
                          if key in preprocessor})
         query_num = preprocessor.get("image_feature_size", query_num)
         known = {key: settings[key] for key in ("max_slice_nums", "scale_resolution", "patch_size") if key in settings}
-        return cls(load_tokenizer(folder), SliceSettings(**known), int(query_num))
+        if not preprocessor.get("slice_mode", model.get("slice_mode", True)):
+            raise ValueError("checkpoints without slice_mode are not supported (every 2.5 / 2.6 release slices)")
+        use_image_id = bool(preprocessor.get("use_image_id", model.get("use_image_id", False)))
+        return cls(load_tokenizer(folder), SliceSettings(**known), int(query_num), use_image_id)
 
     # -- pictures ---------------------------------------------------------------------------
     def settings_for(self, max_slice_nums: int | None) -> SliceSettings:
@@ -150,8 +198,8 @@ class MiniCPMV25Processor:
         """One picture's pixels for the vision tower (the whole picture, then its slices)."""
         return slice_picture(image, self.settings_for(max_slice_nums))
 
-    def picture_parts(self, size: Size, max_slice_nums: int | None = None) -> list[Part]:
-        """The placeholder of one picture of `size` (width, height)."""
+    def picture_parts(self, size: Size, max_slice_nums: int | None = None, index: int = 0) -> list[Part]:
+        """The placeholder of one picture of `size` (width, height), the prompt's picture `index`."""
         one = [Special(IMAGE_START), *[Special(IMAGE_PAD)] * self.query_num, Special(IMAGE_END)]
         grid = slice_grid(size, self.settings_for(max_slice_nums))
         if grid is None:
@@ -166,13 +214,14 @@ class MiniCPMV25Processor:
         return parts
 
     # -- chats ------------------------------------------------------------------------------
-    def content_parts(self, content: str | Sequence[ContentItem], max_slice_nums: int | None = None) -> list[Part]:
-        """A message's content: items joined by "\\n", surrounding whitespace stripped (the
-        template's `trim`), pictures as their placeholders."""
+    def content_parts(self, content: str | Sequence[ContentItem], max_slice_nums: int | None = None,
+                      first_index: int = 0) -> list[Part]:
+        """A message's content: items joined by "\\n" (2.5: surrounding whitespace stripped, as its
+        template's `trim` does), pictures as their placeholders, numbered from `first_index`."""
         items = [content] if isinstance(content, str) else list(content)
         joined: list[Part | Size] = []
-        for index, item in enumerate(items):
-            if index:
+        for position, item in enumerate(items):
+            if position:
                 joined.append("\n")
             if isinstance(item, str):
                 joined.append(item)
@@ -182,9 +231,16 @@ class MiniCPMV25Processor:
                 joined.append(tuple(int(side) for side in item))
             else:
                 raise TypeError(f"a message holds text and pictures, not {type(item).__name__}")
+        if self.strip_content:
+            joined = _strip(joined)
         parts: list[Part] = []
-        for item in _strip(joined):
-            parts += self.picture_parts(item, max_slice_nums) if isinstance(item, tuple) else [item]
+        index = first_index
+        for item in joined:
+            if isinstance(item, tuple):
+                parts += self.picture_parts(item, max_slice_nums, index)
+                index += 1
+            elif item:
+                parts.append(item)
         return parts
 
     def prompt_parts(self, messages: Sequence[dict], system_prompt: str = "",
@@ -195,13 +251,16 @@ class MiniCPMV25Processor:
         as the release's `chat()` takes them; the system prompt goes first, as its own message.
         """
         fmt = self.chat_format
+        system_prompt = system_prompt or fmt.default_system()
         if system_prompt:
             messages = [{"role": "system", "content": system_prompt}, *messages]
         parts: list[Part] = fmt.opening()
+        index = 0
         for message in messages:
             if message["role"] not in ("system", "user", "assistant"):
                 raise ValueError(f"unknown role {message['role']!r}")
-            parts += fmt.message(message["role"], self.content_parts(message["content"], max_slice_nums))
+            parts += fmt.message(message["role"], self.content_parts(message["content"], max_slice_nums, index))
+            index += _picture_count(message["content"])
         return parts + fmt.generation_prompt()
 
     def render(self, messages: Sequence[dict], system_prompt: str = "", max_slice_nums: int | None = None) -> str:
@@ -234,10 +293,10 @@ class MiniCPMV25Processor:
         return prompt
 
     def image_bound(self, ids: Sequence[int]) -> torch.Tensor:
-        """Each slice's placeholder range [start, end): after each `<image>`, up to its `</image>`
-        (how the release's `_convert` finds them)."""
-        starts = [i + 1 for i, token in enumerate(ids) if token == self.image_start_id]
-        ends = [i for i, token in enumerate(ids) if token == self.image_end_id]
+        """Each slice's placeholder range [start, end): after each start marker, up to its end
+        marker (how the releases' `_convert` finds them)."""
+        starts = [i + 1 for i, token in enumerate(ids) if token in self._starts]
+        ends = [i for i, token in enumerate(ids) if token in self._ends]
         if len(starts) != len(ends):
             raise ValueError("unbalanced picture markers in the prompt")
         return torch.tensor(list(zip(starts, ends, strict=True)), dtype=torch.long).reshape(-1, 2)
@@ -256,25 +315,31 @@ class MiniCPMV25Processor:
         return self.encode(self.messages(conversation), conversation.system_prompt,
                            conversation.options.max_slice_nums, pictures)
 
-    def turn_length(self, turn: Turn, options: PromptOptions | None = None) -> int:
+    def turn_length(self, turn: Turn, options: PromptOptions | None = None, first_picture: int = 0) -> int:
         """Exact tokens `turn` takes in a prompt (header, text, placeholders, end of turn).
 
         Messages are separated by special tokens, so a prompt's length is `prompt_overhead` plus
         the sum of its messages' lengths (the system prompt counts as a message, role "system").
+        2.6 numbers pictures: `first_picture` is the number of this turn's first one (its
+        digits are tokens; 2.5 ignores it).
         """
         if turn.videos:
             raise ValueError("MiniCPM-V 2.5 and 2.6 do not read videos here: send pictures instead.")
         slices = options.max_slice_nums if options is not None else None
-        return self.message_length(turn.role, [*(image.image.size for image in turn.images), turn.text], slices)
+        content = [*(image.image.size for image in turn.images), turn.text]
+        return self.message_length(turn.role, content, slices, first_picture)
 
-    def message_length(self, role: str, content: str | Sequence[ContentItem], max_slice_nums: int | None = None) -> int:
+    def message_length(self, role: str, content: str | Sequence[ContentItem], max_slice_nums: int | None = None,
+                       first_picture: int = 0) -> int:
         """Exact tokens one message takes."""
-        return len(self.encode_parts(self.chat_format.message(role, self.content_parts(content, max_slice_nums))))
+        parts = self.content_parts(content, max_slice_nums, first_picture)
+        return len(self.encode_parts(self.chat_format.message(role, parts)))
 
     @property
     def prompt_overhead(self) -> int:
         """Tokens a prompt has besides its messages: the tokenizer's prefix and suffix, the
-        template's opening and the assistant's header."""
+        template's opening and the assistant's header (2.6's default system message, used when a
+        chat has no system prompt, is a message: `message_length("system", ...)`)."""
         fmt = self.chat_format
         return len(self._prefix) + len(self._suffix) + len(self.encode_parts(fmt.opening() + fmt.generation_prompt()))
 
@@ -301,6 +366,48 @@ class MiniCPMV25Processor:
         return self._special_ids[token]
 
 
+class MiniCPMV26Processor(MiniCPMV25Processor):
+    """Pictures to slices, chats to token ids, for MiniCPM-V 2.6 (see the module docstring)."""
+
+    version = 2.6
+    chat_format = ChatMLFormat()
+    strip_content = False
+    placeholder_markers = ((IMAGE_START, IMAGE_END), (SLICE_START, SLICE_END))
+    default_query_num = 64
+
+    def picture_parts(self, size: Size, max_slice_nums: int | None = None, index: int = 0) -> list[Part]:
+        """`<image_id>n</image_id>` (with `use_image_id`), the whole picture, then its slices each
+        between `<slice>` and `</slice>`, the grid's rows joined by "\\n"."""
+        parts: list[Part] = [Special(IMAGE_ID_START), str(index), Special(IMAGE_ID_END)] if self.use_image_id else []
+        parts += [Special(IMAGE_START), *[Special(IMAGE_PAD)] * self.query_num, Special(IMAGE_END)]
+        grid = slice_grid(size, self.settings_for(max_slice_nums))
+        if grid is None:
+            return parts
+        one = [Special(SLICE_START), *[Special(IMAGE_PAD)] * self.query_num, Special(SLICE_END)]
+        columns, rows = grid
+        for row in range(rows):
+            if row:
+                parts.append("\n")
+            parts += one * columns
+        return parts
+
+
+def processor_class(version: float | str) -> type[MiniCPMV25Processor]:
+    """The processor of a MiniCPM-V 2.x `version` (config.json's)."""
+    version = float(version)
+    if version == 2.5:
+        return MiniCPMV25Processor
+    if version == 2.6:
+        return MiniCPMV26Processor
+    raise ValueError(f"MiniCPM-V {version} is not supported natively (2.5 and 2.6 are)")
+
+
+def load_processor(folder: str | os.PathLike) -> MiniCPMV25Processor:
+    """The processor of a checkpoint folder, by the version its config.json names."""
+    version = _read_json(Path(folder) / "config.json").get("version", 2.5)
+    return processor_class(version).from_pretrained(folder)
+
+
 def _post_processor_additions(tokenizer) -> tuple[list[int], list[int]]:
     """What the tokenizer adds around an encoded text (Llama 3: `<|begin_of_text|>` in front)."""
     probe = "a"
@@ -325,6 +432,10 @@ def _strip(items: list[Part | Size]) -> list[Part | Size]:
             if items[index]:
                 break
     return [item for item in items if not isinstance(item, str) or item]
+
+
+def _picture_count(content) -> int:
+    return 0 if isinstance(content, str) else sum(1 for item in content if not isinstance(item, str))
 
 
 def _pictures(messages: Sequence[dict]) -> list[Image.Image]:

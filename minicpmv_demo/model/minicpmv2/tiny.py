@@ -1,4 +1,4 @@
-"""Tiny offline MiniCPM-V 2.5 checkpoints: the release's files and names at toy size, random weights.
+"""Tiny offline MiniCPM-V 2.5 and 2.6 checkpoints: the releases' files and names at toy size, random weights.
 
 Like `model/tiny.py` does for 4.6: built deterministically (fixed seed, fixed training text for
 the tokenizer) into an ordinary checkpoint folder, then loaded by the same `from_pretrained` that
@@ -16,7 +16,12 @@ Sizes: text 256 wide (2 resampler heads of 128, as the release's rule gives), 2 
 2 key/value heads; vision 64 wide, 2 layers; 8 queries per slice; slices of 112 px (8 x 8 patches),
 up to 9 per picture: a 640 x 460 picture becomes the whole plus 9 slices. About 2.7 MB.
 
-The folders are caches: `ensure_tiny_v25` builds one the first time and reuses it after.
+The 2.6 twins (`ensure_tiny_v26`) have 2.6's shapes of the same files: a Qwen2 text model (q/k/v
+biases), bfloat16 weights, `use_image_id`, `vision_batch_size`, a Qwen2-style byte-level BPE (digits
+split one by one, no begin-of-text) with ChatML's and MiniCPM-V 2.6's special tokens; the int4
+twin computes in bfloat16.
+
+The folders are caches: `ensure_tiny_v25` / `ensure_tiny_v26` build one the first time and reuse it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..tiny import default_cache_dir
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
 TINY_V25_VERSION = "v1"
+TINY_V26_VERSION = "v1"
 SEED = 1234
 
 # Llama 3's pre-tokenizer pattern (the split before byte-level BPE), as its tokenizer.json has it.
@@ -139,17 +145,22 @@ def build_tiny_v25(folder: str | os.PathLike) -> None:
 
 
 def build_tiny_v25_int4(source: str | os.PathLike, folder: str | os.PathLike) -> None:
-    """Quantize the tiny checkpoint in `source` (nf4, double quant, float16 compute) on the CPU
-    and save it pre-quantized into `folder`, with the source's other files."""
+    """Quantize the tiny 2.5 in `source` (nf4, double quant, float16 compute, as the 2.5 int4
+    release) on the CPU and save it pre-quantized into `folder`, with the source's other files."""
     import torch
-    from transformers import BitsAndBytesConfig
 
     from .modeling import MiniCPMV25
 
+    _quantize(MiniCPMV25, source, folder, torch.float16)
+
+
+def _quantize(model_class, source: str | os.PathLike, folder: str | os.PathLike, compute_dtype) -> None:
+    from transformers import BitsAndBytesConfig
+
     source, folder = Path(source), Path(folder)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float16, llm_int8_skip_modules=INT4_SKIP_MODULES)
-    model = MiniCPMV25.from_pretrained(source, dtype=torch.float16, device_map="cpu", quantization_config=quantization)
+                                      bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=INT4_SKIP_MODULES)
+    model = model_class.from_pretrained(source, dtype=compute_dtype, device_map="cpu", quantization_config=quantization)
     model.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
     config = json.loads((source / "config.json").read_text())
@@ -218,18 +229,10 @@ def build_v25_tokenizer():
     """A byte-level BPE shaped like the 2.5 release's: Llama 3's split pattern, byte-level
     alphabet ("!" is id 0, the release's pad token), merges learnt from TRAINING_TEXT, then the
     release's special tokens, and the post-processor that puts `<|begin_of_text|>` in front."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, processors
     from transformers import TokenizersBackend
 
-    backend = Tokenizer(models.BPE(ignore_merges=True))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-    ])
-    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(TRAINING_TEXT, trainer)
+    backend = _byte_level_bpe(LLAMA3_SPLIT, ignore_merges=True)
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in V25_SPECIAL_TOKENS])
     begin = V25_SPECIAL_TOKENS[0]
     backend.post_processor = processors.Sequence([
@@ -241,18 +244,166 @@ def build_v25_tokenizer():
                              unk_token="<unk>", pad_token="!", chat_template=V25_CHAT_TEMPLATE)
 
 
+def build_v26_tokenizer():
+    """A byte-level BPE shaped like Qwen2's (2.6's text model): NFC, Qwen2's split pattern (digits
+    one by one), no begin-of-text, then ChatML's and MiniCPM-V 2.6's special tokens."""
+    from tokenizers import AddedToken, normalizers, processors
+    from transformers import TokenizersBackend
+
+    backend = _byte_level_bpe(QWEN2_SPLIT, ignore_merges=False)
+    backend.normalizer = normalizers.NFC()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in V26_SPECIAL_TOKENS])
+    backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    return TokenizersBackend(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                             unk_token="<unk>", pad_token="<|endoftext|>", chat_template=V26_CHAT_TEMPLATE)
+
+
+def _byte_level_bpe(split_pattern: str, ignore_merges: bool):
+    """A byte-level BPE trained on TRAINING_TEXT with `split_pattern` as its pre-tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split_pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB_SIZE, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TRAINING_TEXT, trainer)
+    return backend
+
+
 def save_v25_tokenizer(tokenizer, folder: Path) -> None:
     """tokenizer.json and a tokenizer_config.json with the release's keys (its class name and
     `auto_map` included: the project never follows them)."""
+    _save_tokenizer(tokenizer, folder, V25_CHAT_TEMPLATE, {"clean_up_tokenization_spaces": True,
+                                                          "padding_side": "right", "truncation_side": "right"})
+
+
+def _save_tokenizer(tokenizer, folder: Path, template: str, extra: dict) -> None:
     tokenizer.save_pretrained(folder)
-    for extra in ("special_tokens_map.json", "chat_template.jinja"):
-        (folder / extra).unlink(missing_ok=True)
+    for name in ("special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config.pop("backend", None)
-    config.update({"auto_map": V25_TOKENIZER_AUTO_MAP, "chat_template": V25_CHAT_TEMPLATE,
-                   "clean_up_tokenization_spaces": True, "model_input_names": ["input_ids", "attention_mask"],
-                   "padding_side": "right", "tokenizer_class": "MiniCPMVTokenizerFast", "truncation_side": "right"})
+    config.update({"auto_map": V25_TOKENIZER_AUTO_MAP, "chat_template": template,
+                   "model_input_names": ["input_ids", "attention_mask"], "tokenizer_class": "MiniCPMVTokenizerFast",
+                   **extra})
     _write_json(folder / "tokenizer_config.json", config)
+
+
+# -- 2.6 ----------------------------------------------------------------------------------------
+# Qwen2's pre-tokenizer pattern: as Llama 3's but digits one at a time.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# ChatML's tokens, then MiniCPM-V 2.6's (their names; this order is the tiny model's own).
+V26_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "</image>", "<ref>", "</ref>", "<box>", "</box>",
+    "<quad>", "</quad>", "<point>", "</point>", "<slice>", "</slice>", "<image_id>", "</image_id>", "<unk>",
+]
+# Qwen2's ChatML with its default system message (the template 2.6's `chat()` renders).
+V26_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_V26_VISION = {**TINY_VISION, "model_type": "siglip"}
+
+
+def ensure_tiny_v26(cache_dir: str | os.PathLike | None = None, quantized: bool = False) -> Path:
+    """The tiny 2.6 checkpoint folder (`quantized`: its int4 twin), built first if not cached."""
+    name = f"tiny-minicpmv2_6{'-int4' if quantized else ''}-{TINY_V26_VERSION}"
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    if quantized:
+        source = ensure_tiny_v26(root)
+        return _ensure(root / name, lambda folder: build_tiny_v26_int4(source, folder))
+    return _ensure(root / name, build_tiny_v26)
+
+
+def build_tiny_v26(folder: str | os.PathLike) -> None:
+    """Write the tiny 2.6 checkpoint (bfloat16 weights, like the release) into `folder`."""
+    import torch
+
+    from .config import MiniCPMV26Config
+    from .modeling import MiniCPMV26
+
+    folder = Path(folder)
+    tokenizer = build_v26_tokenizer()
+    config_dict = v26_config_dict(tokenizer)
+    config = MiniCPMV26Config(**{**config_dict, "initializer_range": TINY_INIT_STD})
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        model = MiniCPMV26(config)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    _write_json(folder / "config.json", config_dict)
+    _write_json(folder / "generation_config.json", {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                                                    "eos_token_id": tokenizer.eos_token_id})
+    _save_tokenizer(tokenizer, folder, V26_CHAT_TEMPLATE, {"clean_up_tokenization_spaces": False,
+                                                          "padding_side": "right"})
+    _write_json(folder / "preprocessor_config.json", v26_preprocessor_dict())
+
+
+def build_tiny_v26_int4(source: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Quantize the tiny 2.6 in `source` (nf4, double quant, bfloat16 compute) on the CPU and save
+    it pre-quantized into `folder`, with the source's other files."""
+    import torch
+
+    from .modeling import MiniCPMV26
+
+    _quantize(MiniCPMV26, source, folder, torch.bfloat16)
+
+
+def v26_config_dict(tokenizer) -> dict:
+    """config.json of the tiny 2.6: the release's keys, toy sizes."""
+    return {
+        "_name_or_path": "tiny-minicpmv2_6",
+        "version": 2.6,
+        "architectures": ["MiniCPMV"],
+        "attention_dropout": 0.0,
+        "auto_map": V25_AUTO_MAP,
+        "batch_vision_input": True,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "drop_vision_last_layer": False,
+        "eos_token_id": tokenizer.eos_token_id,
+        "hidden_act": "silu",
+        **TINY_TEXT,
+        "image_size": 448,
+        "initializer_range": 0.02,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 28,
+        "model_type": "minicpmv",
+        "patch_size": 14,
+        "query_num": TINY_QUERY_NUM,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "slice_config": {**TINY_SLICES, "model_type": "minicpmv"},
+        "slice_mode": True,
+        "sliding_window": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_image_id": True,
+        "use_sliding_window": False,
+        "vision_batch_size": 16,
+        "vision_config": TINY_V26_VISION,
+        "vocab_size": len(tokenizer),
+    }
+
+
+def v26_preprocessor_dict() -> dict:
+    """preprocessor_config.json of the tiny 2.6: the release's keys, toy sizes."""
+    return {
+        **v25_preprocessor_dict(),
+        "use_image_id": True,
+        "im_id_start": "<image_id>",
+        "im_id_end": "</image_id>",
+        "slice_mode": True,
+        "version": 2.6,
+    }
 
 
 def _write_json(path: Path, data: dict) -> None:

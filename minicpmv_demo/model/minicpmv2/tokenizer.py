@@ -25,6 +25,8 @@ IMAGE_END = "</image>"
 SLICE_START = "<slice>"
 SLICE_END = "</slice>"
 IMAGE_PAD = "<unk>"  # each of a slice's query_num embeddings takes the place of one of these
+IMAGE_ID_START = "<image_id>"  # 2.6 numbers a prompt's pictures: <image_id>0</image_id>
+IMAGE_ID_END = "</image_id>"
 
 
 def load_tokenizer(folder: str | os.PathLike) -> TokenizersBackend:
