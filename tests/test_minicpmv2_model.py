@@ -171,8 +171,8 @@ def test_parts_in_different_precisions_still_run(tiny_v25_dir, v25_processor):
     model = MiniCPMV25.from_pretrained(tiny_v25_dir, dtype=torch.float16).eval()
     model.vpm.float()
     model.resampler.float()
-    _, embeds, tokens = answer(model, v25_processor, [{"role": "user", "content": [Image.open(ASSETS / "diagram.png"), "Hi"]}],
-                               max_new_tokens=3)
+    messages = [{"role": "user", "content": [Image.open(ASSETS / "diagram.png"), "Hi"]}]
+    _, embeds, tokens = answer(model, v25_processor, messages, max_new_tokens=3)
     assert embeds.dtype == torch.float16 and bool(torch.isfinite(embeds).all()) and tokens
 
 
@@ -194,7 +194,8 @@ def test_int4_loads_and_gives_finite_logits(tiny_v25_int4_dir, v25_processor, dt
                                     tgt_sizes=prompt.tgt_sizes)
         logits = model.llm(inputs_embeds=embeds).logits
         tokens = model.generate_greedy(embeds, 4, v25_processor.stop_token_ids)
-    assert bool(torch.isfinite(logits).all()) and tokens and all(0 <= token < model.config.vocab_size for token in tokens)
+    assert bool(torch.isfinite(logits).all()) and tokens
+    assert all(0 <= token < model.config.vocab_size for token in tokens)
 
 
 def test_int4_from_a_16_bit_checkpoint_on_the_fly(tiny_v25_dir, v25_processor):

@@ -127,14 +127,18 @@ def test_chatml_prompt_with_numbered_pictures(v26):
                 {"role": "user", "content": [chart, chart, "And these?"]}]
     text = processor.render(messages)
     templated = processor.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "(<image>./</image>)\nWhat is this? "}, {"role": "assistant", "content": " A chart."},
+        [{"role": "user", "content": "(<image>./</image>)\nWhat is this? "},
+         {"role": "assistant", "content": " A chart."},
          {"role": "user", "content": "(<image>./</image>)\n(<image>./</image>)\nAnd these?"}],
         tokenize=False, add_generation_prompt=True)
     pieces = templated.split("(<image>./</image>)")
-    expected = pieces[0] + "".join("".join(processor.picture_parts(chart.size, None, n)) + pieces[n + 1] for n in range(3))
+    expected = pieces[0] + "".join("".join(processor.picture_parts(chart.size, None, n)) + pieces[n + 1]
+                                   for n in range(3))
     assert text == expected  # content is not stripped in 2.6
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image_id>0</image_id>")
-    assert "<image_id>1</image_id>" in text and "<image_id>2</image_id>" in text and text.endswith("<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                           "<|im_start|>user\n<image_id>0</image_id>")
+    assert "<image_id>1</image_id>" in text and "<image_id>2</image_id>" in text
+    assert text.endswith("<|im_start|>assistant\n")
     one = "<unk>" * processor.query_num
     rows = "\n".join(["".join([f"<slice>{one}</slice>"] * 3)] * 3)
     assert "".join(processor.picture_parts(chart.size, None, 4)) == f"<image_id>4</image_id><image>{one}</image>{rows}"
@@ -159,7 +163,8 @@ def test_stop_ids(v26):
 def test_turn_lengths_add_up(v26):
     _, processor = v26
     chart = PreparedImage(image=Image.new("RGB", (640, 460)), digest="chart")
-    turns = (Turn("user", "One?", images=(chart,)), Turn("assistant", "A."), Turn("user", "Two?", images=(chart, chart)))
+    turns = (Turn("user", "One?", images=(chart,)), Turn("assistant", "A."),
+             Turn("user", "Two?", images=(chart, chart)))
     options = PromptOptions(max_slice_nums=4)
     prompt = processor.encode_conversation(Conversation(turns=turns, options=options))
     counted = processor.prompt_overhead + processor.message_length("system", processor.chat_format.system)

@@ -8,7 +8,9 @@ safetensors as they are, pre-quantized bitsandbytes checkpoints included.
 
 What a runner calls (batch of one prompt; the engine batches and keeps its own caches):
 - `vision_features(pixel_values, tgt_sizes)`: the resampled embeddings of some picture slices,
-  [slices, query_num, hidden]; cache them per picture if you like.
+  [slices, query_num, hidden]. 2.6 reads each slice on its own, so features cached per picture
+  are exact; 2.5's tower sees the padding of the slices packed with it (the release's mask), so
+  to get the release's numbers give it a prompt's slices together (cache per set of pictures).
 - `embed_prompt(input_ids, image_bound, features=... or pixel_values=..., tgt_sizes=...)`: the
   prompt's input embeddings [1, L, hidden] with the slices' embeddings in their placeholders.
 - then `llm.model(inputs_embeds=..., attention_mask=..., position_ids=..., cache=...)` and
@@ -118,7 +120,7 @@ class MiniCPMVBase(PreTrainedModel):
         for module in self.modules():
             if type(module).__module__.startswith("bitsandbytes"):
                 continue
-            for name, param in module.named_parameters(recurse=False):
+            for param in module.parameters(recurse=False):
                 if param.is_floating_point() and param.dtype != dtype:
                     param.data = param.data.to(dtype)
 

@@ -163,7 +163,8 @@ class MiniCPMV25Processor:
         self.use_image_id = use_image_id
         self._special_ids: dict[str, int] = {}
         self._prefix, self._suffix = _post_processor_additions(tokenizer)
-        self.stop_token_ids: frozenset[int] = frozenset(self._id(token) for token in self.chat_format.stop_tokens(tokenizer))
+        stops = self.chat_format.stop_tokens(tokenizer)
+        self.stop_token_ids: frozenset[int] = frozenset(self._id(token) for token in stops)
         self._starts = {self._id(start) for start, _ in self.placeholder_markers}
         self._ends = {self._id(end) for _, end in self.placeholder_markers}
 
@@ -271,7 +272,8 @@ class MiniCPMV25Processor:
                    max_slice_nums: int | None = None) -> tuple[list[int], torch.Tensor]:
         """Token ids of the prompt and its slices' placeholder ranges [K, 2]. Pictures may be given
         as their sizes: ids do not depend on pixels."""
-        ids = self._prefix + self.encode_parts(self.prompt_parts(messages, system_prompt, max_slice_nums)) + self._suffix
+        parts = self.prompt_parts(messages, system_prompt, max_slice_nums)
+        ids = self._prefix + self.encode_parts(parts) + self._suffix
         return ids, self.image_bound(ids)
 
     def encode(self, messages: Sequence[dict], system_prompt: str = "", max_slice_nums: int | None = None,

@@ -103,7 +103,8 @@ def slice_picture(image: Image.Image, settings: SliceSettings) -> SlicedPicture:
     grid = slice_grid(image.size, settings)
     scale, patch = settings.scale_resolution, settings.patch_size
     if grid is None:
-        pieces = [image.resize(best_resize(image.size, scale, patch, allow_upscale=True), resample=Image.Resampling.BICUBIC)]
+        whole = best_resize(image.size, scale, patch, allow_upscale=True)
+        pieces = [image.resize(whole, resample=Image.Resampling.BICUBIC)]
     else:
         pieces = [image.resize(best_resize(image.size, scale, patch), resample=Image.Resampling.BICUBIC)]
         refined = image.resize(refine_size(image.size, grid, scale, patch), resample=Image.Resampling.BICUBIC)

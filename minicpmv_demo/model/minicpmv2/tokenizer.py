@@ -50,7 +50,8 @@ class PlaceholderIds:
 
     @classmethod
     def of(cls, tokenizer) -> PlaceholderIds:
-        return cls(*(token_id(tokenizer, token) for token in (IMAGE_START, IMAGE_END, SLICE_START, SLICE_END, IMAGE_PAD)))
+        tokens = (IMAGE_START, IMAGE_END, SLICE_START, SLICE_END, IMAGE_PAD)
+        return cls(*(token_id(tokenizer, token) for token in tokens))
 
 
 def token_id(tokenizer, token: str) -> int:
