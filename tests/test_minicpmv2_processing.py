@@ -219,3 +219,10 @@ def test_videos_are_refused(v25_processor):
     conversation = Conversation(turns=(Turn("user", "What happens?", videos=(video,)),))
     with pytest.raises(ValueError, match="videos"):
         v25_processor.encode_conversation(conversation)
+
+
+def test_a_missing_local_folder_is_a_clear_error(tmp_path):
+    from minicpmv_demo.model.minicpmv2 import load_processor
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        load_processor(tmp_path / "missing")

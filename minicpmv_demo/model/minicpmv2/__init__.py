@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from pathlib import Path
 
 _EXPORTS = {
     "MiniCPMV25Config": "config", "MiniCPMV26Config": "config", "SliceSettings": "config",
@@ -47,8 +46,10 @@ def __getattr__(name: str):
 
 
 def checkpoint_version(folder: str | os.PathLike) -> str:
-    """"2.5" (or "2.6") for a MiniCPM-V 2.x checkpoint folder, from its config.json."""
-    config = json.loads((Path(folder) / "config.json").read_text())
+    """"2.5" or "2.6" for a MiniCPM-V 2.x checkpoint (a local folder or a hub id), from its config.json."""
+    from .tokenizer import checkpoint_folder
+
+    config = json.loads((checkpoint_folder(folder) / "config.json").read_text())
     if config.get("model_type") != "minicpmv":
         raise ValueError(f"{folder} is not a MiniCPM-V 2.x checkpoint (model_type {config.get('model_type')!r})")
     version = str(config.get("version", "2.5"))
@@ -58,8 +59,8 @@ def checkpoint_version(folder: str | os.PathLike) -> str:
 
 
 def load(folder: str | os.PathLike, **from_pretrained_kwargs):
-    """(model, processor) of a local checkpoint folder; keyword arguments go to `from_pretrained`
-    (`dtype`, `device_map`, `quantization_config`, `attn_implementation`, ...)."""
+    """(model, processor) of a checkpoint (a local folder or a hub id); keyword arguments go to
+    `from_pretrained` (`dtype`, `device_map`, `quantization_config`, `attn_implementation`, ...)."""
     version = checkpoint_version(folder)
     from .modeling import MiniCPMV25, MiniCPMV26
     from .processing import load_processor

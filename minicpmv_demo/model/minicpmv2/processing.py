@@ -62,7 +62,7 @@ from PIL import Image
 from .config import SliceSettings
 from .slicing import SlicedPicture, Size, slice_grid, slice_picture
 from .tokenizer import (IMAGE_END, IMAGE_ID_END, IMAGE_ID_START, IMAGE_PAD, IMAGE_START, SLICE_END, SLICE_START,
-                        load_tokenizer, token_id)
+                        checkpoint_folder, load_tokenizer, token_id)
 
 if TYPE_CHECKING:
     from ...conversation import Conversation, PromptOptions, Turn
@@ -171,8 +171,9 @@ class MiniCPMV25Processor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> MiniCPMV25Processor:
         """The checkpoint's tokenizer and picture settings: preprocessor_config.json (which the
-        release's processor reads), else config.json's `slice_config` and `query_num`."""
-        folder = Path(folder)
+        release's processor reads), else config.json's `slice_config` and `query_num`. `folder`:
+        a local checkpoint folder or a hub id."""
+        folder = checkpoint_folder(folder)
         model = _read_json(folder / "config.json")
         settings = dict(model.get("slice_config") or {})
         query_num = model.get("query_num", 96)
@@ -406,7 +407,7 @@ def processor_class(version: float | str) -> type[MiniCPMV25Processor]:
 
 def load_processor(folder: str | os.PathLike) -> MiniCPMV25Processor:
     """The processor of a checkpoint folder, by the version its config.json names."""
-    version = _read_json(Path(folder) / "config.json").get("version", 2.5)
+    version = _read_json(checkpoint_folder(folder) / "config.json").get("version", 2.5)
     return processor_class(version).from_pretrained(folder)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,6 +28,24 @@ SLICE_END = "</slice>"
 IMAGE_PAD = "<unk>"  # each of a slice's query_num embeddings takes the place of one of these
 IMAGE_ID_START = "<image_id>"  # 2.6 numbers a prompt's pictures: <image_id>0</image_id>
 IMAGE_ID_END = "</image_id>"
+
+
+# The small files a processor reads (never the weights).
+PROCESSOR_FILES = ["config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json"]
+
+
+def checkpoint_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint folder as it is; a hub id (e.g. "openbmb/MiniCPM-Llama3-V-2_5") as its
+    cached snapshot of the processor's files (downloaded if missing and the hub is reachable)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint folder at {name_or_path}")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), allow_patterns=PROCESSOR_FILES))
 
 
 def load_tokenizer(folder: str | os.PathLike) -> TokenizersBackend:
