@@ -65,7 +65,7 @@ from .tokenizer import (IMAGE_END, IMAGE_ID_END, IMAGE_ID_START, IMAGE_PAD, IMAG
                         checkpoint_folder, load_tokenizer, token_id)
 
 if TYPE_CHECKING:
-    from ...conversation import Conversation, PromptOptions, Turn
+    from ...intake.conversation import Conversation, PromptOptions, Turn
 
 
 class Special(str):

@@ -1,6 +1,6 @@
 """Tiny offline MiniCPM-V 2.5 and 2.6 checkpoints: the releases' files and names at toy size, random weights.
 
-Like `model/tiny.py` does for 4.6: built deterministically (fixed seed, fixed training text for
+Like `model/minicpmv4/tiny.py` does for 4.6: built deterministically (fixed seed, fixed training text for
 the tokenizer) into an ordinary checkpoint folder, then loaded by the same `from_pretrained` that
 loads `openbmb/MiniCPM-Llama3-V-2_5`. Each folder has the release's files with the release's
 shapes and keys: config.json (`model_type` "minicpmv", `version`, `architectures`, `auto_map`, ...),
@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from ..tiny import default_cache_dir
+from ..minicpmv4.tiny import default_cache_dir
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
 TINY_V25_VERSION = "v1"

@@ -4,6 +4,7 @@ runner's API (vision features, prompt embeddings, decoding), several pictures, i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import sys
 
 import pytest
@@ -15,7 +16,7 @@ from minicpmv2_support import (tiny_v25_dir, tiny_v25_int4_dir, v25_cache, v25_m
 from minicpmv_demo.model.minicpmv2 import MiniCPMV25, load
 from minicpmv_demo.model.minicpmv2.resampler import sincos_position_table
 
-ASSETS = __import__("pathlib").Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def reference_table(embed_dim: int, rows: int, columns: int) -> torch.Tensor:

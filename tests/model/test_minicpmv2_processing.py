@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from minicpmv2_support import tiny_v25_dir, v25_cache, v25_processor  # noqa: F401 (fixtures)
-from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
-from minicpmv_demo.images import PreparedImage
+from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
+from minicpmv_demo.intake.images import PreparedImage
 from minicpmv_demo.model.minicpmv2.config import SliceSettings
 from minicpmv_demo.model.minicpmv2.slicing import best_resize, refine_size, slice_grid, slice_picture
 
@@ -213,7 +213,7 @@ def test_several_pictures_sit_in_their_turns_in_order(v25_processor):
 
 
 def test_videos_are_refused(v25_processor):
-    from minicpmv_demo.videos import PreparedVideo
+    from minicpmv_demo.intake.videos import PreparedVideo
 
     video = PreparedVideo.__new__(PreparedVideo)
     conversation = Conversation(turns=(Turn("user", "What happens?", videos=(video,)),))

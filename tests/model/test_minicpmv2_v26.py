@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from minicpmv2_support import v25_cache  # noqa: F401 (fixture)
-from minicpmv_demo.conversation import Conversation, PromptOptions, Turn
-from minicpmv_demo.images import PreparedImage
+from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
+from minicpmv_demo.intake.images import PreparedImage
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 # config.json of openbmb/MiniCPM-V-2_6 (the keys that shape weights and that a loader must accept).
 RELEASE_V26_CONFIG = {
