@@ -75,12 +75,8 @@ class Bench:
     def engine(self, max_batch: int, eager: bool):
         from minicpmv_demo.engine import Engine
 
-        budget = None
-        if self.device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info()
-            budget = max(0, int(free - 0.1 * total))  # what the app gives with --gpu-memory-utilization 0.9
         started = time.perf_counter()
-        engine = Engine(self.runner, max_batch=max_batch, cache_size=0, memory_budget_bytes=budget,
+        engine = Engine(self.runner, max_batch=max_batch, cache_size=0, gpu_memory_utilization=0.9,
                         max_model_len=self.args.max_model_len, enforce_eager=eager).start()
         graphs = getattr(engine._batch, "graphs", None)
         say(f"engine max_batch={max_batch} {'eager' if eager else 'graphs'}: slots of {engine.context_length} "

@@ -79,6 +79,48 @@ class HeldRunner(MiniCPMV4Runner):
         return super().step(batch, tokens)
 
 
+class OutOfMemoryModel:
+    """Wraps the tiny model and raises CUDA's out-of-memory error past a batch size or prompt
+    length, as a GPU would; everything else runs the real model."""
+
+    def __init__(self, real, max_rows: int, max_prompt: int = 10_000, phase: str = "both") -> None:
+        self.real, self.max_rows, self.max_prompt, self.phase = real, max_rows, max_prompt, phase
+        self.calls: list[tuple[int, int]] = []  # (rows, tokens per row) of every text-model call
+        self.vision_calls = 0
+        self.refusals = 0
+        self.model = _Guarded(self)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def check(self, input_ids) -> None:
+        rows, length = input_ids.shape
+        self.calls.append((rows, length))
+        if self.phase != "both" and self.phase != ("step" if length == 1 else "prefill"):
+            return
+        if rows > self.max_rows or length > self.max_prompt:
+            self.refusals += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class _Guarded:
+    """The wrapper's `.model`: checks each call, then runs the real text+vision stack."""
+
+    def __init__(self, owner: OutOfMemoryModel) -> None:
+        self.owner = owner
+
+    def __getattr__(self, name):
+        return getattr(self.owner.real.model, name)
+
+    def __call__(self, **inputs):
+        self.owner.check(inputs["input_ids"])
+        return self.owner.real.model(**inputs)
+
+    def get_image_features(self, *args, **kwargs):
+        self.owner.vision_calls += 1
+        return self.owner.real.model.get_image_features(*args, **kwargs)
+
+
 def launch_app(settings: Settings, loaded):
     """A real app on a free loopback port; returns it and its URL (close it when done)."""
     from minicpmv_demo.web.server import build_app

@@ -56,7 +56,8 @@ class Settings:
     queue_size: int = field(default=256, metadata={"help": "events allowed to wait; beyond it users "
                                                           "see 'busy, try again'"})
     gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "share of GPU memory the engine may fill with caches"})
+        default=0.9, metadata={"help": "share of each GPU's memory this process may use: the weights, the "
+                                       "preallocated slots and what prefills take"})
     max_model_len: int = field(
         default=0, metadata={"help": "tokens one request may hold (prompt and reply); the engine preallocates "
                                      "this for each of --max-batch rows. 0 = auto: from the GPU memory budget "

@@ -12,7 +12,7 @@ its tokens is the sequence's (sequence.py); the GPU work is the runner's (model/
 
 Out of memory in a step halves the batch ceiling for a while and re-admits the rows from their
 text so far (the older half first); a request that cannot fit even alone gets a clear error.
-Any other failure fails only the requests in that batch; the loop goes on.
+Any other failure fails only the requests in that batch; the loop goes on (recovery.py).
 """
 
 from __future__ import annotations
@@ -20,43 +20,51 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
 from ..intake.conversation import Conversation
 from ..model.runner import BatchRunner, Runner
-from ..system.gpu import peak_memory_mb, reset_peak_memory
+from ..system.gpu import peak_memory_mb, reset_peak_memory, usable_bytes
 from .context import fit_for_stream
 from .contract import EngineState
 from .detokenizer import IncrementalDecoder
-from .failures import TOO_LARGE_MESSAGE, free_memory, is_out_of_memory, user_message
+from .failures import GPU_FAILED_MESSAGE, attempt, free_memory
 from .meter import TokenMeter
 from .one_call import BatchCall, serve_in_one_call
 from .reasoning_budget import budget_for
+from .recovery import Recovery
 from .reply_cache import ReplyCache
 from .request import FinishReason, ReplyStream, SamplingParams
-from .sampling import RowSampler
+from .sampling import RowSampler, Sampled
 from .scheduler import PREFILL_PIECE_TOKENS, Scheduler
 from .sequence import Sequence
 from .serial import serve_one_serially
 from .slots import fill_holes
+from .start import allocate_slots
 
 log = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(Recovery):
     """Owns a model runner on one thread and serves every request through it."""
 
     def __init__(self, runner: Runner, *, max_batch: int = 8, cache_size: int = 128,
-                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call: BatchCall | None = None,
-                 max_thinking_tokens: int = 0, max_model_len: int = 0, enforce_eager: bool = False) -> None:
+                 gpu_memory_utilization: float = 0.9, headroom: Callable[[], int | None] | None = None,
+                 seed: int = 0, batch_call: BatchCall | None = None, max_thinking_tokens: int = 0,
+                 max_model_len: int = 0, enforce_eager: bool = False,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         """`batch_call` (ZeroGPU only, see one_call.py) runs each batch to the end in one GPU call.
         `max_thinking_tokens`: each reply's reasoning budget (0 = no cap; the app passes
         --max-thinking-tokens), see reasoning_budget.py.
 
         Batching runners get `max_batch` preallocated slots of `max_model_len` tokens (0: sized
-        from `memory_budget_bytes`), and, unless `enforce_eager`, captured decode steps where the
-        device allows; ZeroGPU keeps no state between calls, so no slots.
+        from the GPU memory free under `gpu_memory_utilization`), and, unless `enforce_eager`,
+        captured decode steps where the device allows; ZeroGPU keeps no state between calls, so
+        no slots. A prefill is admitted when its memory fits `headroom()` (default: measured on the
+        model's GPUs at each admission, less what the runner may still take; nothing on the CPU).
+        `on_fatal(reason)` is called when the device broke for good (the server exits for a restart).
         """
         self.runner = runner
         self.max_thinking_tokens = max_thinking_tokens
@@ -64,10 +72,11 @@ class Engine:
         self.max_batch = max_batch if runner.supports_batching else 1
         self.enforce_eager = enforce_eager
         self._use_slots = runner.supports_batching and batch_call is None
-        self.context_length = (runner.slot_length(self.max_batch, max_model_len, memory_budget_bytes)
+        self._utilization = gpu_memory_utilization
+        self.context_length = (self._batch_runner.slot_length(self.max_batch, max_model_len, self._usable_bytes())
                                if self._use_slots else runner.context_length)
-        self.scheduler = Scheduler(self.max_batch, memory_budget_bytes,
-                                   runner.cache_bytes if runner.supports_batching else None,
+        self.scheduler = Scheduler(self.max_batch, runner.prefill_bytes if self._use_slots else None,
+                                   headroom or self._headroom,
                                    on_cancelled=lambda sequence: self.finish(sequence, FinishReason.CANCELLED))
         self.reply_cache = ReplyCache(cache_size)  # greedy replies by chat and settings
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
@@ -81,12 +90,19 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._restart_lock = threading.Lock()
         self.restarts = 0
+        self.on_fatal = on_fatal
+        self.fatal: str | None = None  # why the engine stopped for good (a broken device)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Engine:
+        """Preallocate the slots (and capture decode steps), then start the engine thread.
+        Raises EngineStartError (one line saying what to lower) when the slots do not fit."""
         if self._use_slots and self._batch is None:
-            self._batch = self._batch_runner.new_slots(self.max_batch, self.context_length,
-                                                       capture=not self.enforce_eager)
+            self._batch = allocate_slots(self._batch_runner, self.max_batch, self.context_length,
+                                         capture=not self.enforce_eager, usable=self._usable_bytes())
+            room = self._headroom()
+            if room is not None:
+                log.info("after slots and captured steps, %.0f MB are free for prefills", room / 2**20)
         self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
         self._thread.start()
         return self
@@ -100,7 +116,7 @@ class Engine:
     def _restart_if_dead(self) -> None:
         """The loop survives model errors by itself; this covers anything that still kills it."""
         with self._restart_lock:  # several handlers may notice at once; one restart is enough
-            if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            if self._thread is not None and not self._thread.is_alive() and not self._stopping and not self.fatal:
                 log.error("engine thread was dead; starting a new one")
                 self.restarts += 1
                 self._fail_all("The model engine restarted; please try again.")
@@ -109,6 +125,18 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def _usable_bytes(self) -> int | None:
+        """GPU memory this process may still fill on the model's devices; None on the CPU."""
+        if not self._use_slots:
+            return None
+        free_memory()
+        return usable_bytes(self._batch_runner.devices, self._utilization)
+
+    def _headroom(self) -> int | None:
+        """What a prefill may take now: the usable memory less what the runner may still take."""
+        usable = usable_bytes(self._batch_runner.devices, self._utilization) if self._use_slots else None
+        return None if usable is None else usable - self._batch_runner.working_bytes(self.max_batch)
 
     @property
     def _batch_runner(self) -> BatchRunner:
@@ -123,6 +151,9 @@ class Engine:
         the engine thread spends its time in the model.
         """
         stream = ReplyStream()
+        if self.fatal:  # the device broke: nothing can be answered until the process restarts
+            stream.fail(GPU_FAILED_MESSAGE)
+            return stream
         key = self.reply_cache.key(conversation, params)
         if self.reply_cache.answer(key, stream):
             return stream
@@ -158,14 +189,12 @@ class Engine:
 
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
-        """Serve until shutdown; an unexpected error fails the batch in hand, never the engine."""
+        """Serve until shutdown; an unexpected error fails the batch in hand, never the engine
+        (unless the device itself broke: see `_die`)."""
         while not self._stopping:
-            try:
-                self._serve()
-            except Exception:  # noqa: BLE001 - the loop must outlive any one batch
-                log.exception("engine loop failed; failing the current batch and carrying on")
-                self.restarts += 1
-                self._fail_all("The model failed while answering. Please try again.")
+            _, failure = attempt(self._serve)
+            if failure is not None:  # handled here, outside `except`: no traceback pins the batch
+                self._on_batch_failure(failure)
 
     def _serve(self) -> None:
         while not self._stopping:
@@ -191,12 +220,11 @@ class Engine:
                 admission.piecewise.prompt, admission.piecewise.generated))
         if not admission.newcomers:
             return
-        try:
-            prefilled = self._prefill(admission.newcomers)
-        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-            self._on_prefill_error(admission.newcomers, exc)
+        prefilled, failure = attempt(lambda: self._prefill(admission.newcomers))
+        if failure is not None:  # one bad request must not stop the others
+            self._on_prefill_failure(admission.newcomers, failure)
             return
-        # Outside the try: rows already merged into the batch must never be prefilled again.
+        # After the attempt: rows already merged into the batch must never be prefilled again.
         self._add_rows(admission.newcomers, *prefilled)
 
     def _prefill(self, newcomers: list[Sequence]) -> tuple[object, torch.Tensor]:
@@ -214,41 +242,43 @@ class Engine:
             self._piecewise = None
             self.finish(sequence, FinishReason.CANCELLED)
             return
-        try:
-            done = self._batch_runner.prefill_some(partial, PREFILL_PIECE_TOKENS)
-            if done is not None:
-                self._piecewise = None
-                self._add_rows([sequence], *done)
-        except Exception as exc:  # noqa: BLE001 - handled as any prefill of one request
+        done, failure = attempt(lambda: self._batch_runner.prefill_some(partial, PREFILL_PIECE_TOKENS))
+        if failure is not None:  # handled as any prefill of one request
             self._piecewise = None
-            self._on_prefill_error([sequence], exc)
+            self._on_prefill_failure([sequence], failure)
+        elif done is not None:
+            self._piecewise = None
+            self._add_rows([sequence], *done)
 
     def _add_rows(self, newcomers: list[Sequence], batch, logits: torch.Tensor) -> None:
         """Prefilled rows join the running batch with their first token."""
         self._batch = self._batch_runner.merge(self._batch, batch)
         self.running.extend(newcomers)
-        self._take_tokens(newcomers, logits)
         for sequence in self.running:
             sequence.largest_batch = max(sequence.largest_batch, len(self.running))
+        sampled, failure = attempt(lambda: self.sampler.sample(newcomers, logits))
+        if failure is not None:
+            self._on_batch_failure(failure)
+            return
+        self._give_tokens(newcomers, sampled)
         self._release_finished()
 
     def _step(self) -> None:
+        """One decode step for every row, and each row's next token (sampling runs out of memory
+        like the step itself: on a full GPU its [B, V] temporaries are the last straw)."""
         tokens = torch.tensor([sequence.generated[-1] for sequence in self.running])
-        try:
-            logits = self._batch_runner.step(self._batch, tokens)
-        except Exception as exc:  # noqa: BLE001
-            if not is_out_of_memory(exc):
-                raise
-            self._on_step_out_of_memory()
+        sampled, failure = attempt(lambda: self.sampler.sample(self.running,
+                                                               self._batch_runner.step(self._batch, tokens)))
+        if failure is not None:
+            self._on_batch_failure(failure)
             return
         self.scheduler.after_step()
-        self._take_tokens(self.running, logits)
+        self._give_tokens(self.running, sampled)
         self._release_finished()
 
     # -- per-token bookkeeping -----------------------------------------------------------------
-    def _take_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+    def _give_tokens(self, rows: list[Sequence], sampled: Sampled) -> None:
         """Give each row its sampled token; a row that cannot go on fails alone."""
-        sampled = self.sampler.sample(rows, logits)
         for sequence, token in zip(rows, sampled.tokens, strict=True):
             self.give(sequence, token)
         self.meter.count(len(rows) - len(sampled.failed_rows))  # once per step, not per row
@@ -291,57 +321,6 @@ class Engine:
         self.sampler.release(sequence)
         sequence.fail(message)
 
-    def _fail_all(self, message: str) -> None:
-        piecewise = [self._piecewise[0]] if self._piecewise else []
-        for sequence in [*self.running, *piecewise]:
-            self.fail(sequence, message)
-        self.running, self._piecewise = [], None
-        self._batch = self._batch_runner.empty(self._batch) if self._use_slots else None
-        self.reset_peak()
-
     def reset_peak(self) -> None:
         """The batch emptied: start the next batch's peak-memory measurement afresh."""
         reset_peak_memory()
-
-    # -- running out of memory -----------------------------------------------------------------
-    def _on_prefill_error(self, newcomers: list[Sequence], exc: Exception) -> None:
-        free_memory()
-        if is_out_of_memory(exc) and (self.running or len(newcomers) > 1):
-            # Too much at once: admit fewer (and wait for running rows to finish first).
-            self.scheduler.after_out_of_memory(len(self.running), len(newcomers))
-            self.scheduler.requeue_front(newcomers)
-            log.warning("out of memory admitting %d request(s); batch ceiling now %d", len(newcomers),
-                        self.scheduler.ceiling)
-            return
-        if len(newcomers) > 1:
-            # Find the request that broke the prefill: each alone, the others still get served.
-            for sequence in newcomers:
-                try:
-                    prefilled = self._prefill([sequence])
-                except Exception as solo_exc:  # noqa: BLE001
-                    self._on_prefill_error([sequence], solo_exc)
-                    continue
-                self._add_rows([sequence], *prefilled)
-            return
-        log.warning("request failed in prefill: %r", exc)
-        self.fail(newcomers[0], user_message(exc))
-
-    def _on_step_out_of_memory(self) -> None:
-        """Halve the batch ceiling and re-admit every row from its text so far.
-
-        A step that ran out of memory may have updated some layers' caches and not others, so
-        no row's cache is trusted: each row is re-prefilled from its prompt plus the tokens it
-        already streamed, which continues it exactly where it was.
-        """
-        rows, self.running = self.running, []
-        self._batch = self._batch_runner.empty(self._batch) if self._use_slots else None
-        free_memory()
-        if len(rows) == 1:
-            self.fail(rows[0], TOO_LARGE_MESSAGE)
-            self.reset_peak()
-            return
-        self.scheduler.after_out_of_memory(0, len(rows))
-        self.scheduler.requeue_front(rows)
-        log.warning("out of memory in a batch of %d: re-admitting them; batch ceiling now %d",
-                    len(rows), self.scheduler.ceiling)
-

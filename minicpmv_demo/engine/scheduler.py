@@ -1,7 +1,9 @@
 """Who runs next: the waiting line, and the rules that let a waiting request into the batch.
 
-A request joins the running batch when there is a place under the batch ceiling, its cache
-memory fits the budget, and the newcomers prefilled together stay under a token budget. A long
+A request joins the running batch when there is a place under the batch ceiling, and the
+newcomers prefilled together stay under a token budget and, on a GPU, their prefill's memory fits
+what is free now (the running rows' caches sit in preallocated slots already: only the prefill's
+activations and its cache before the merge are new). A long
 prompt that arrives while others generate is prefilled in pieces instead (one at a time), so it
 delays the others by a piece's time, not by its whole prefill. Running out of memory lowers the
 ceiling for a while; it grows back one place after each run of steps without running out.
@@ -43,15 +45,16 @@ class Admission:
 class Scheduler:
     """The waiting line and the admission rules; safe to `add` to from any thread."""
 
-    def __init__(self, max_batch: int, memory_budget_bytes: int | None = None,
-                 cache_bytes: Callable[[int], int] | None = None,
+    def __init__(self, max_batch: int, prefill_bytes: Callable[[int, int], int] | None = None,
+                 headroom: Callable[[], int | None] | None = None,
                  on_cancelled: Callable[[Sequence], None] = lambda sequence: None) -> None:
-        """`cache_bytes(tokens)`: one request's cache memory at that length (None: not counted);
+        """`prefill_bytes(rows, width)`: the memory a prefill of `rows` rows padded to `width`
+        tokens takes; `headroom()`: the memory free for it now (None: not counted, the CPU);
         `on_cancelled` ends a request whose client left while it waited."""
         self.max_batch = max_batch
         self.ceiling = max_batch
-        self.memory_budget_bytes = memory_budget_bytes
-        self._cache_bytes = cache_bytes
+        self._prefill_bytes = prefill_bytes
+        self._headroom = headroom
         self._on_cancelled = on_cancelled
         self._waiting: deque[Sequence] = deque()
         self._wake = threading.Condition()
@@ -107,48 +110,39 @@ class Scheduler:
 
     # -- admission -----------------------------------------------------------------------------
     def schedule(self, running: list[Sequence], piecewise: Sequence | None, can_split: bool) -> Admission:
-        """Waiting requests for the free places, while their memory and the prefill budget allow.
+        """Waiting requests for the free places, while the prefill's tokens and memory allow.
 
         `piecewise`: the long prompt already being prefilled in pieces (it holds a place);
-        `can_split`: whether the runner can prefill a prompt in pieces at all.
+        `can_split`: whether the runner can prefill a prompt in pieces at all. With nothing
+        running and nothing admitted, the first in line is always let in (if it cannot fit
+        even alone, its prefill says so).
         """
         admission = Admission()
         newcomers = admission.newcomers
+        room = self._headroom() if self._headroom is not None and self._prefill_bytes is not None else None
         width = 0  # the longest newcomer: every row of the prefill is padded to it
         while len(running) + len(newcomers) + bool(piecewise) < self.ceiling:
             sequence = self.next_waiting()
             if sequence is None:
                 break
-            sequence.reserved_bytes = self.reservation(sequence)
             crowded = running or newcomers
             if crowded and can_split and sequence.length > PREFILL_PIECE_TOKENS:
-                if piecewise is not None or not self._fits(sequence, running, newcomers, piecewise):
+                if piecewise is not None or not self._fits(room, 1, PREFILL_PIECE_TOKENS):
                     self.requeue_front([sequence])
                     break
                 piecewise = admission.piecewise = sequence
                 continue
             row_width = max(width, sequence.length)
-            if crowded and (not self._fits(sequence, running, newcomers, piecewise)
-                            or row_width * (len(newcomers) + 1) > PREFILL_TOKEN_BUDGET):
+            if crowded and (row_width * (len(newcomers) + 1) > PREFILL_TOKEN_BUDGET
+                            or not self._fits(room, len(newcomers) + 1, row_width)):
                 self.requeue_front([sequence])
                 break
             width = row_width
             newcomers.append(sequence)
         return admission
 
-    def reservation(self, sequence: Sequence) -> int:
-        """The cache memory `sequence` may need at its full length."""
-        if self._cache_bytes is None:
-            return 0
-        return self._cache_bytes(sequence.prompt.length + sequence.params.max_new_tokens)
-
-    def _fits(self, sequence: Sequence, running: list[Sequence], newcomers: list[Sequence],
-              piecewise: Sequence | None) -> bool:
-        if self.memory_budget_bytes is None:
-            return True
-        others = (*running, *newcomers, *([piecewise] if piecewise else []))
-        used = sum(other.reserved_bytes for other in others)
-        return used + sequence.reserved_bytes <= self.memory_budget_bytes
+    def _fits(self, room: int | None, rows: int, width: int) -> bool:
+        return room is None or self._prefill_bytes(rows, width) <= room
 
     # -- the batch ceiling ---------------------------------------------------------------------
     def after_step(self) -> None:

@@ -46,7 +46,6 @@ class Sequence:
     finish_reason: FinishReason | None = None  # set when it ends; it leaves the batch at the next release
     started_at: float = 0.0  # when its prefill began (0: not yet)
     largest_batch: int = 1  # the largest batch it shared, for the reply's stats line
-    reserved_bytes: int = 0  # the cache memory the scheduler counted for it
 
     @property
     def length(self) -> int:

@@ -81,16 +81,26 @@ class BatchedRunner:
 
     supports_batching = True
 
-    def __init__(self, *, text_model, lm_head, text_config, dtype: torch.dtype, device, pad_token_id: int) -> None:
+    def __init__(self, *, text_model, lm_head, text_layers, text_config, dtype: torch.dtype, device,
+                 pad_token_id: int, capturable: bool = True) -> None:
         """`text_model(input_ids= or inputs_embeds=, attention_mask=, position_ids=, cache=,
         use_cache=)` returns the last hidden states and the cache; `lm_head` maps them to logits;
-        `text_config` sizes the slots (its `layer_types` say which layers are linear attention)."""
+        `text_layers` are its decoder layers (each layer's slots go to that layer's device);
+        `text_config` sizes the slots (its `layer_types` say which layers are linear attention);
+        `capturable`: whether a decode step may be captured as a CUDA graph (not int8)."""
         self.text_model = text_model
         self.lm_head = lm_head
         self.text_config = text_config
         self.dtype = dtype
-        self.device = device
+        self.device = torch.device(device)
+        self.layer_devices = [_device_of(layer, self.device) for layer in text_layers]
         self.pad_token_id = pad_token_id
+        self.capturable = capturable
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Where the model takes its inputs and where its layers live."""
+        return list(dict.fromkeys([self.device, *self.layer_devices]))
 
     # -- what a family provides ------------------------------------------------------------
     def _prefill_inputs(self, prompts: list[Any], input_ids: torch.Tensor, pads: list[int]) -> dict:
@@ -184,10 +194,10 @@ class BatchedRunner:
         """One decode step over slots `0..size-1`: a captured graph when one fits, else eager."""
         size, width = batch.size, max(batch.lengths) + 1
         if batch.graphs is not None and batch.graphs.fits(size, width):
-            logits = batch.graphs.run(tokens, size)
+            logits = batch.graphs.run(tokens, size, width)
         else:
             logits = self.decode_slots(batch.cache, tokens.to(self.device), size, width)
-        batch.cache.lengths[:size] += 1
+        batch.cache.advance(size)
         batch.lengths = [length + 1 for length in batch.lengths]
         return logits
 
@@ -208,13 +218,15 @@ class BatchedRunner:
     def new_slots(self, slots: int, max_len: int, capture: bool = True) -> SlotBatch:
         """Preallocate `slots` rows of `max_len` tokens (see `slot_length` for the size), and
         capture the decode steps as CUDA graphs when `capture` and the device allow."""
-        cache = SlotCache(self.text_config, slots, max_len, self.dtype, self.device)
+        cache = SlotCache(self.text_config, slots, max_len, self.dtype, self.device, self.layer_devices)
         batch = SlotBatch(cache=cache, lengths=[])
-        log.info("preallocated %d slots of %d tokens: %.0f MB", slots, max_len,
-                 SlotCache.bytes_needed(self.text_config, slots, max_len, self.dtype) / 2**20)
+        log.info("preallocated %d slots of %d tokens: %.0f MB", slots, max_len, self.slot_bytes(slots, max_len) / 2**20)
         if capture:
             batch.graphs = capture_decode_graphs(self, cache)
         return batch
+
+    def slot_bytes(self, slots: int, max_len: int) -> int:
+        return SlotCache.bytes_needed(self.text_config, slots, max_len, self.dtype)
 
     def slot_length(self, slots: int, requested: int, budget_bytes: int | None) -> int:
         """Tokens one slot holds: `requested` (--max-model-len) if set, else what a share of the
@@ -304,10 +316,27 @@ class BatchedRunner:
         batch.lengths = [batch.lengths[source] for source in keep]
         return batch
 
-    def cache_bytes(self, tokens: int) -> int:
-        """Estimated cache bytes of one row holding `tokens` tokens (both layer kinds)."""
-        fixed = SlotCache.bytes_needed(self.text_config, 1, 0, self.dtype)
-        return fixed + tokens * (SlotCache.bytes_needed(self.text_config, 1, 1, self.dtype) - fixed)
+    # -- memory, for admission -------------------------------------------------------------
+    def prefill_bytes(self, rows: int, width: int) -> int:
+        """About the most memory a prefill of `rows` rows padded to `width` tokens takes at once:
+        one layer's activations (the hidden state a few times over, the MLP's gate and up
+        projections), the newcomers' cache until it is copied into slots, and the logits."""
+        config = self.text_config
+        element = torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else 2
+        activations = element * (4 * config.hidden_size + 3 * config.intermediate_size)
+        cache = SlotCache.bytes_needed(config, rows, width, self.dtype)
+        return rows * width * activations + cache + rows * config.vocab_size * 4 * 2
+
+    def working_bytes(self, max_batch: int) -> int:
+        """Memory the runner may still take beside slots and prefills: the sampler's [B, V]
+        temporaries (probabilities, a sorted copy for top-p) and a family's caches filling up."""
+        return max_batch * self.text_config.vocab_size * 4 * 4
+
+
+def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:
+    """Where a layer's weights live (with `--device-map auto`, layers may sit on several GPUs)."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else default
 
 
 def _attention_mask(visible: torch.Tensor, config, dtype: torch.dtype) -> torch.Tensor:

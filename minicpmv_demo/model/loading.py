@@ -100,7 +100,7 @@ def load_model(settings: Settings) -> LoadedModel:
     if model_type not in NATIVE_MODEL_TYPES + LEGACY_MODEL_TYPES:
         raise ModelLoadError(f"{model_id} is a '{model_type}' model, not MiniCPM-V: pick a MiniCPM-V "
                              f"checkpoint (e.g. {DEFAULT_GPU_MODEL}).")
-    dtype = _choose_dtype(settings.dtype, cuda)
+    dtype = choose_dtype(settings.dtype, cuda, model_type)
     quantization, quant_config = _choose_quantization(settings.quant, config, dtype, cuda)
     device_map = _choose_device_map(settings.device_map, cuda)
     kwargs = {"dtype": dtype, "device_map": device_map}
@@ -155,12 +155,17 @@ def _load_config(source: str, model_id: str, trust_remote_code: bool):
             "--model tiny runs offline.") from None
 
 
-def _choose_dtype(name: str, cuda: bool) -> torch.dtype:
+def choose_dtype(name: str, cuda: bool, model_type: str, bf16: bool | None = None) -> torch.dtype:
+    """`--dtype auto`: bf16 on a GPU that has it, float32 on the CPU. On a GPU without bf16 (a
+    T4), MiniCPM-V 4.x runs in float32: Qwen3.5's layers can overflow float16's range (a row that
+    does then fails alone, with a message); 2.5 / 2.6 keep float16, their release's dtype."""
     if name != "auto":
         return DTYPES[name]
-    if cuda:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    if not cuda:
+        return torch.float32
+    if torch.cuda.is_bf16_supported() if bf16 is None else bf16:
+        return torch.bfloat16
+    return torch.float32 if model_type in NATIVE_MODEL_TYPES else torch.float16
 
 
 def _choose_quantization(quant: str, config, dtype: torch.dtype, cuda: bool):
@@ -176,12 +181,35 @@ def _choose_quantization(quant: str, config, dtype: torch.dtype, cuda: bool):
     from transformers import BitsAndBytesConfig
 
     if quant == "int8":
+        quiet_int8_cast_warning()
         return "int8 (bitsandbytes)", BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=UNQUANTIZED_MODULES)
     compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
     # The configuration of the original MiniCPM-V int4 release: nf4 with double quantization.
     return "int4 (nf4, double quant)", BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=UNQUANTIZED_MODULES)
+
+
+class _OnceFilter(logging.Filter):
+    """Lets a log message that starts with `prefix` through the first time only."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def quiet_int8_cast_warning() -> None:
+    """bitsandbytes' int8 matmul warns on every call whose input is not float16 (about 170 lines
+    per decode step of the published model in bf16): say it once."""
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in bnb_log.filters):
+        bnb_log.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
 
 
 def _choose_device_map(device_map: str, cuda: bool) -> str:

@@ -62,6 +62,9 @@ class BatchRunner(Runner, Protocol):
     rows, or (a newcomer's prefill, ZeroGPU's one-call batch) a transformers cache.
     """
 
+    devices: list[torch.device]  # where the model's layers live (memory is measured there)
+    capturable: bool  # whether decode steps may be captured as CUDA graphs (not int8)
+
     def prefill(self, prompts: list[EncodedPrompt], generated: list[list[int]]) -> tuple[Any, torch.Tensor]:
         """Prefill prompts together (each continued by the tokens it already generated, when
         re-admitted after running out of memory); returns their batch and next-token logits [B, V]."""
@@ -88,11 +91,17 @@ class BatchRunner(Runner, Protocol):
         """Preallocate `slots` rows of `max_len` tokens; capture decode steps if `capture` and
         the device allows. Returns the empty batch."""
 
+    def slot_bytes(self, slots: int, max_len: int) -> int:
+        """What `new_slots(slots, max_len)` allocates."""
+
     def slot_length(self, slots: int, requested: int, budget_bytes: int | None) -> int:
         """Tokens one slot holds: `requested` if set, else what the memory budget allows."""
 
-    def cache_bytes(self, tokens: int) -> int:
-        """Cache memory one row holding `tokens` tokens takes."""
+    def prefill_bytes(self, rows: int, width: int) -> int:
+        """About the most memory a prefill of `rows` rows padded to `width` tokens takes."""
+
+    def working_bytes(self, max_batch: int) -> int:
+        """Memory the runner may still take beside slots and prefills (sampler, feature caches)."""
 
 
 class SerialRunner(Runner, Protocol):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import threading
 from dataclasses import asdict, dataclass
 
 import anyio
@@ -125,16 +127,18 @@ def share_warning(settings: Settings) -> str | None:
     return SHARE_WARNING if settings.share and not settings.auth else None
 
 
-def cache_budget_bytes(utilization: float) -> int | None:
-    """Bytes the engine may fill with caches on the GPU: the free share under `utilization`.
+# The exit status after the GPU broke for good (EX_TEMPFAIL: try again), and how long /health
+# says "engine down" before the process goes, so a load balancer sees it.
+RESTART_EXIT_CODE = 75
+RESTART_GRACE_S = 2.0
 
-    Measured after the model is loaded, so the weights are already counted as used. None on
-    the CPU, where the operating system, not the engine, decides.
-    """
-    if not torch.cuda.is_available():
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return max(0, int(free - (1.0 - utilization) * total))
+
+def exit_for_restart(reason: str) -> None:
+    """The engine's device broke (a sticky CUDA error): exit, so that the supervisor, the
+    container or the Space starts a fresh process. Nothing is cleaned up on the way out: a broken
+    CUDA context can hang a normal shutdown."""
+    log.critical("exiting in %.0f s so that the server is restarted: %s", RESTART_GRACE_S, reason)
+    threading.Timer(RESTART_GRACE_S, os._exit, args=(RESTART_EXIT_CODE,)).start()
 
 
 def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
@@ -152,9 +156,9 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
     batch_call = zerogpu_batch_call()
     if batch_call is not None:
         log.info("ZeroGPU: each batch runs in one @spaces.GPU call")
-    budget = None if batch_call else cache_budget_bytes(settings.gpu_memory_utilization)
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
-                    memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call,
+                    gpu_memory_utilization=settings.gpu_memory_utilization, seed=settings.seed, batch_call=batch_call,
+                    on_fatal=exit_for_restart,
                     max_thinking_tokens=settings.max_thinking_tokens, max_model_len=settings.max_model_len,
                     enforce_eager=settings.enforce_eager).start()
     return _assemble(settings, loaded, engine, GpuMemory())

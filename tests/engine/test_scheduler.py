@@ -47,17 +47,21 @@ def test_newcomers_fill_the_free_places_in_arrival_order():
     assert scheduler.next_waiting() is sequences[3], "the first left waiting is next"
 
 
-def test_the_memory_budget_holds_back_who_does_not_fit_but_never_an_idle_batch():
-    cost = 1000  # bytes per token of cache
-    scheduler = Scheduler(max_batch=8, memory_budget_bytes=100_000, cache_bytes=lambda tokens: tokens * cost)
-    big, small = request(length=60, max_new_tokens=40), request(length=5, max_new_tokens=5)  # 100 kB, 10 kB
-    for sequence in (big, small):
+def test_a_prefill_is_admitted_only_while_its_memory_fits_what_is_free_now():
+    free = [250]  # bytes free for prefills, as measured at each admission
+    scheduler = Scheduler(max_batch=8, prefill_bytes=lambda rows, width: rows * width, headroom=lambda: free[0])
+    first, second, third = request(length=100), request(length=100), request(length=100)
+    for sequence in (first, second, third):
         scheduler.add(sequence)
-    first = scheduler.schedule([], None, can_split=True)
-    assert first.newcomers == [big], "alone in an idle batch it is admitted; the next would pass the budget"
-    assert big.reserved_bytes == 100 * cost
-    assert scheduler.schedule([big], None, can_split=True).newcomers == [], "small waits: first in line"
-    assert scheduler.schedule([], None, can_split=True).newcomers == [small], "its turn once big left"
+    assert scheduler.schedule([], None, can_split=True).newcomers == [first, second], "a third would need 300"
+    assert scheduler.schedule([first, second], None, can_split=True).newcomers == [third]
+    big = request(length=400)
+    scheduler.add(big)
+    assert scheduler.schedule([first], None, can_split=False).newcomers == [], "400 > 250 free beside a running row"
+    assert scheduler.schedule([], None, can_split=False).newcomers == [big], "an idle batch lets it try alone"
+    free[0] = None  # the CPU: nothing is counted
+    scheduler.add(request(length=10_000))
+    assert len(scheduler.schedule([first], None, can_split=False).newcomers) == 1
 
 
 def test_a_burst_is_prefilled_within_the_token_budget():

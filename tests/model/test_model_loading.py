@@ -92,9 +92,28 @@ def test_quantization_keeps_the_vision_tower_merger_and_head_unquantized(quant, 
     outside_text = {kind for name, kind in kinds.items() if not name.startswith("model.language_model.")}
     assert outside_text == {"Linear"}, "vision tower, merger and head stay unquantized"
     assert {kind for name, kind in kinds.items() if name.startswith("model.language_model.")} == {quantized_kind}
+    assert loaded.runner.capturable == (quant == "int4"), "int8's outlier check cannot be captured: eager"
     engine = make_engine(loaded.runner, max_batch=2)
     streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=6)) for q in ("a", "b")]
     assert all(s.result(timeout=120) for s in streams)
+
+
+def test_int8_says_once_that_it_computes_in_float16(caplog):
+    """bitsandbytes' int8 matmul logs a warning on every call with bf16 input (about 170 lines a
+    decode step of the published model): after loading in int8 it is said once."""
+    import logging
+
+    from minicpmv_demo.model.loading import quiet_int8_cast_warning
+
+    quiet_int8_cast_warning()
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
+        for _ in range(5):
+            bnb_log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.bfloat16")
+        bnb_log.warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("MatMul8bitLt") for m in messages) <= 1, "once per process (an int8 load may have said it)"
+    assert messages[-1] == "something else", "other warnings still show"
 
 
 def test_sampling_defaults_are_what_the_checkpoint_file_sets(loaded_tiny, make_engine, tiny_settings):
@@ -248,3 +267,13 @@ def test_cached_encoding_equals_the_processor(loaded_tiny):
             reference = runner.processor(images=pictures, text=[text], return_tensors="pt")
             assert sorted(mine) == sorted(reference.keys())
             assert all(torch.equal(mine[key], reference[key]) for key in reference.keys())
+
+
+def test_auto_dtype_avoids_float16_for_qwen35_models_on_gpus_without_bf16():
+    from minicpmv_demo.model.loading import choose_dtype
+
+    assert choose_dtype("auto", cuda=False, model_type="minicpmv4_6") == torch.float32
+    assert choose_dtype("auto", cuda=True, model_type="minicpmv4_6", bf16=True) == torch.bfloat16
+    assert choose_dtype("auto", cuda=True, model_type="minicpmv4_6", bf16=False) == torch.float32, "a T4"
+    assert choose_dtype("auto", cuda=True, model_type="minicpmv", bf16=False) == torch.float16, "2.5's own dtype"
+    assert choose_dtype("float16", cuda=True, model_type="minicpmv4_6", bf16=False) == torch.float16, "asked for"

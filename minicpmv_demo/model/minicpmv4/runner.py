@@ -77,8 +77,10 @@ class MiniCPMV4Runner(BatchedRunner):
     def __init__(self, model, processor, thinks_by_default: bool = False) -> None:
         """`thinks_by_default`: what a request that does not choose gets (a Thinking checkpoint
         thinks, an Instruct one answers straight away; see loading.py)."""
-        super().__init__(text_model=model.model, lm_head=model.lm_head, text_config=model.config.text_config,
-                         dtype=model.dtype, device=model.device, pad_token_id=processor.tokenizer.pad_token_id or 0)
+        super().__init__(text_model=model.model, lm_head=model.lm_head, text_layers=model.model.language_model.layers,
+                         text_config=model.config.text_config, dtype=model.dtype, device=model.device,
+                         pad_token_id=processor.tokenizer.pad_token_id or 0,
+                         capturable=not getattr(model, "is_loaded_in_8bit", False))
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -198,6 +200,10 @@ class MiniCPMV4Runner(BatchedRunner):
         visual = {self.model.config.image_token_id, self.model.config.video_token_id}
         at = [i for i, token in enumerate(ids) if token in visual]
         return (at[0], at[-1] + 1) if at else None
+
+    def working_bytes(self, max_batch: int) -> int:
+        """The sampler's temporaries and the room the vision-feature cache may still fill."""
+        return super().working_bytes(max_batch) + max(0, VISION_CACHE_BYTES - self._vision_cache.total)
 
     def _step_mask(self, visible: torch.Tensor) -> dict:
         """Full-attention layers read the slot columns' visibility; a one-token step of the
