@@ -328,3 +328,27 @@ def test_a_dead_engine_thread_is_restarted_on_the_next_request(make_engine):
     second = engine.submit(QUESTIONS[1], GREEDY)
     assert second.result(timeout=60) and first.result(timeout=60)
     assert engine.alive and engine.restarts == 1
+
+
+def test_the_engine_and_the_runner_import_without_pyav_or_gradio():
+    """A lent GPU machine has neither: the GPU check imports the engine and the model there."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import minicpmv_demo.engine, minicpmv_demo.model.loading, "
+            "minicpmv_demo.model.minicpmv4.published_shape; "
+            "print(sorted(m for m in ('av', 'gradio', 'fastapi') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "[]"
+
+
+def test_slots_that_cannot_fit_are_one_line_saying_what_to_lower(loaded_tiny):
+    from minicpmv_demo.engine.start import EngineStartError, allocate_slots
+
+    runner = loaded_tiny.runner
+    with pytest.raises(EngineStartError) as refused:
+        allocate_slots(runner, 64, 32768, capture=False, usable=100 * 2**20)
+    message = str(refused.value)
+    assert "\n" not in message and "--max-model-len" in message and "--max-batch 64" in message
+    assert f"{runner.slot_bytes(64, 32768) / 2**20:,.0f} MB" in message
