@@ -29,11 +29,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from ..minicpmv4.tiny import default_cache_dir
+from ..built_checkpoints import default_cache_dir, ensure_built
 
 # Bump when anything below changes what gets built: old cache folders are then ignored.
 TINY_V25_VERSION = "v1"
@@ -101,26 +99,8 @@ def ensure_tiny_v25(cache_dir: str | os.PathLike | None = None, quantized: bool 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if quantized:
         source = ensure_tiny_v25(root)
-        return _ensure(root / name, lambda folder: build_tiny_v25_int4(source, folder))
-    return _ensure(root / name, build_tiny_v25)
-
-
-def _ensure(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling and rename into place: concurrent builders never see half a checkpoint."""
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        return ensure_built(root / name, lambda folder: build_tiny_v25_int4(source, folder))
+    return ensure_built(root / name, build_tiny_v25)
 
 
 def build_tiny_v25(folder: str | os.PathLike) -> None:
@@ -321,8 +301,8 @@ def ensure_tiny_v26(cache_dir: str | os.PathLike | None = None, quantized: bool 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     if quantized:
         source = ensure_tiny_v26(root)
-        return _ensure(root / name, lambda folder: build_tiny_v26_int4(source, folder))
-    return _ensure(root / name, build_tiny_v26)
+        return ensure_built(root / name, lambda folder: build_tiny_v26_int4(source, folder))
+    return ensure_built(root / name, build_tiny_v26)
 
 
 def build_tiny_v26(folder: str | os.PathLike) -> None:
