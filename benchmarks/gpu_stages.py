@@ -197,8 +197,9 @@ def comparison_checks(report: StageReport, label: str, graphs, summary: dict, pr
 
 # -- stage 1 ---------------------------------------------------------------------------------
 def stage_capture(cfg: CheckConfig, report: StageReport) -> None:
-    """Capture equals eager: 4 rows of different lengths (one a picture), a join, a leave that
-    moves a row, a row crossing the first length bucket; 32 steps compared on their logits."""
+    """Capture equals eager: 5 prompts of different lengths (one a picture) prefilled once, 4 of
+    them running from the start, the fifth joining; a leave that moves a row; a row crossing the
+    first length bucket; 32 steps compared on their logits."""
     from engine_bench import image_chats
 
     runner = build_runner(cfg, report)
