@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -409,7 +410,8 @@ V25_MARGIN_S = 5.0
 
 def stage_v25(cfg: CheckConfig, report: StageReport, limit_s: float) -> None:
     """MiniCPM-Llama3-V 2.5 int4 under a 24 GB cap: benchmarks/gpu_v25.py with its own flags,
-    its output and any JSON it wrote kept here; skipped while that script does not exist."""
+    its output (echoed as it comes, kept here) and any JSON it wrote; skipped while that script
+    does not exist."""
     if not V25_SCRIPT.exists():
         report.note("skipped: benchmarks/gpu_v25.py is not in this tree (the 2.5 runner has not landed)")
         report.finish(SKIPPED)
@@ -417,16 +419,36 @@ def stage_v25(cfg: CheckConfig, report: StageReport, limit_s: float) -> None:
     command = [sys.executable, str(V25_SCRIPT), *(["--reduced"] if cfg.reduced else []), *shlex.split(cfg.v25_args)]
     report.set("command", shlex.join(command))
     with tempfile.TemporaryDirectory(prefix="gpu-v25-") as private:  # its own files: $OUT holds 8 at most
-        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OUT": private}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = process.communicate(timeout=max(1.0, limit_s - V25_MARGIN_S))
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            report.note(f"gpu_v25.py stopped at {limit_s - V25_MARGIN_S:.0f} s")
+        returncode, lines = run_echoing(command, {**os.environ, "OUT": private}, limit_s - V25_MARGIN_S)
         wrote = {path.name: read_stage(path) for path in sorted(Path(private).rglob("*.json"))}
-    report.set("returncode", process.returncode)
-    report.set("output_tail", output.splitlines()[-150:])
+    if returncode is None:
+        report.note(f"gpu_v25.py stopped at its limit of {limit_s - V25_MARGIN_S:.0f} s")
+    report.set("returncode", returncode)
+    report.set("output_tail", lines[-150:])
     report.set("files", wrote)
-    report.check("gpu_v25.py exit status", process.returncode, "== 0", process.returncode == 0)
+    report.check("gpu_v25.py exit status", returncode, "== 0", returncode == 0)
+
+
+def run_echoing(command: list[str], env: dict, limit_s: float) -> tuple[int | None, list[str]]:
+    """Run `command`, echoing its output line by line; kill it (and what it started) after
+    `limit_s`. Returns its exit status (None: killed) and its lines. Its own process group, not
+    its own session: whatever outlives this is still ended with the device call."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, process_group=0)
+    lines: list[str] = []
+
+    def echo() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            print(f"  v25| {lines[-1]}", flush=True)
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        returncode = process.wait(timeout=max(1.0, limit_s))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        returncode = None
+    reader.join(timeout=5)
+    return returncode, lines
