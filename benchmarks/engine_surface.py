@@ -160,9 +160,9 @@ def slot_bytes(runner, slots: int, max_len: int) -> int:
 
 
 def memory_budget(utilization: float = 0.9) -> int | None:
-    """What the app gives the engine: the free share under `utilization` of each GPU the process
-    uses, after the model is loaded (web/server.py's `cache_budget_bytes`, which cannot be
-    imported where Gradio is missing). None on a CPU."""
+    """What the app gives the engine: the free share under `utilization` of the current GPU, after
+    the model is loaded (web/server.py's `cache_budget_bytes`, which cannot be imported where
+    Gradio is missing; issue 21 asks it to measure every GPU the model uses). None on a CPU."""
     if not torch.cuda.is_available():
         return None
     free, total = torch.cuda.mem_get_info()
