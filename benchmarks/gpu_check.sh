@@ -12,7 +12,8 @@ OUT=${OUT:-benchmarks/results/gpu-check}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}  # a folder without wheels: use what is installed
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 BENCH_STARTED_AT=$started
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 \
+    BENCH_STARTED_AT=$started
 {
     echo "[$(date +%H:%M:%S)] gpu_check.sh: $(hostname), $($PYTHON --version 2>&1)"
     if command -v nvidia-smi >/dev/null; then
