@@ -40,8 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # before torch: asking for a GPU must not start CUDA
-os.environ.setdefault("BENCH_STARTED_AT", str(time.time()))  # every stage's progress lines count from here
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import engine_surface as surface  # noqa: E402 - after the repository is on the path
@@ -203,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_stages import CheckConfig
 
     args = parse_args(argv)
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # asking whether a GPU is there must not start CUDA
+    os.environ.setdefault("BENCH_STARTED_AT", str(time.time()))  # spawned stages count their seconds from here
     started, started_at = time.perf_counter(), utc_now()
     options = {k: v for k, v in {"device": args.device, "dtype": args.dtype}.items() if v}
     config = CheckConfig.make(args.out.resolve(), args.work_dir.resolve(), args.reduced, device_map=args.device_map,

@@ -330,7 +330,8 @@ def stage_memory(cfg: CheckConfig, report: StageReport) -> None:
     burst = compact(bench.burst(engine, size))
     peak = {str(d): {"allocated_mb": torch.cuda.max_memory_allocated(d) / 2**20,
                      "reserved_mb": torch.cuda.max_memory_reserved(d) / 2**20} for d in devices if d.type == "cuda"}
-    report.set("burst", {**burst, "peak": peak, "after": memory_reading(devices), "state": surface.engine_state(engine)})
+    report.set("burst", {**burst, "peak": peak, "after": memory_reading(devices),
+                         "state": surface.engine_state(engine)})
     report.check(f"{size}-request burst: failed requests", burst["errors"], "== 0", burst["errors"] == 0)
     if cfg.cuda:
         report.check("graphs captured", surface.engine_graphs(engine) is not None, "captured",

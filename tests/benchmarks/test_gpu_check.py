@@ -25,6 +25,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import capture_check  # noqa: E402
 import engine_surface as surface  # noqa: E402
 from check_report import StageReport, read_stage  # noqa: E402
+from gpu_check import Stage, supervise  # noqa: E402
+from gpu_stages import AGREEMENT_FLOOR, CheckConfig, text_prompts  # noqa: E402
 
 STAGE_FILES = ["1-capture.json", "2-bnb.json", "3-memory.json", "4-speed.json", "5-v25.json"]
 # What the lent GPU machines lack (and the check does not carry): importing any of them fails.
@@ -115,8 +117,6 @@ def test_the_other_stages_measured_what_they_say(reduced_run):
 
 # -- the comparison catches what it must ------------------------------------------------------
 def prompts(runner, count: int) -> list:
-    from gpu_stages import text_prompts
-
     return text_prompts(runner, [12, 30, 21][:count])
 
 
@@ -148,7 +148,7 @@ def test_a_batch_that_computes_something_else_is_caught(loaded_tiny):
         return wrong, output
 
     summary, _ = compare_with(loaded_tiny.runner, shifted)
-    assert summary["rows_equal_share"] < capture_check_floor() and summary["max_abs_diff"] > 1e-3
+    assert summary["rows_equal_share"] < AGREEMENT_FLOOR and summary["max_abs_diff"] > 1e-3
 
 
 def test_an_empty_graph_is_caught(loaded_tiny):
@@ -171,12 +171,6 @@ def test_a_graph_that_replays_stale_logits_is_caught(loaded_tiny):
     assert summary["empty_graph_steps"], "poisoning shows the output was not written"
 
 
-def capture_check_floor() -> float:
-    from gpu_stages import AGREEMENT_FLOOR
-
-    return AGREEMENT_FLOOR
-
-
 # -- the driver --------------------------------------------------------------------------------
 def slow_stage(config, report: StageReport) -> None:
     """Measures one thing, then hangs (a stuck CUDA call, say)."""
@@ -185,9 +179,6 @@ def slow_stage(config, report: StageReport) -> None:
 
 
 def test_a_stage_past_its_limit_is_killed_and_keeps_what_it_measured(tmp_path):
-    from gpu_check import Stage, supervise
-    from gpu_stages import CheckConfig
-
     config = CheckConfig.make(tmp_path, tmp_path, reduced=True)
     stage = Stage(9, "slow", "a stage that hangs", 1, slow_stage)
     data = supervise(stage, config, 1.0, {"reduced": True})
@@ -208,9 +199,6 @@ def quick_stage(config, report: StageReport) -> None:
 
 def test_a_stage_runs_in_a_fresh_interpreter_when_forking_cannot_serve(tmp_path):
     """The driver's fallback where CUDA cannot start in a forked process: spawn."""
-    from gpu_check import Stage, supervise
-    from gpu_stages import CheckConfig
-
     config = CheckConfig.make(tmp_path, tmp_path, reduced=True)
     data = supervise(Stage(8, "quick", "a quick stage", 60, quick_stage), config, 60.0, {"reduced": True}, "spawn")
     assert data["status"] == "pass" and data["results"] == {"measured": 2.5}
