@@ -185,6 +185,9 @@ def compare(runner, report: StageReport, label: str, batches: tuple, prompts: li
 def comparison_checks(report: StageReport, label: str, graphs, summary: dict, probes: list[dict]) -> None:
     """What every captured-against-eager comparison must show."""
     report.check(f"{label}: graphs captured", graphs is not None, "captured", graphs is not None)
+    if graphs is not None:  # else the poisoning that finds empty graphs would silently do nothing
+        readable = len(surface.graph_outputs(graphs))
+        report.check(f"{label}: graph outputs the check can poison", readable, ">= 1", readable >= 1)
     report.check(f"{label}: steps that replayed a graph", summary["graph_steps"], f"== {summary['steps']}",
                  summary["graph_steps"] == summary["steps"])
     empty = summary["empty_graph_steps"] + [p["graph"] for p in probes if not p["writes_output"]]
