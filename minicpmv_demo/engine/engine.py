@@ -76,7 +76,7 @@ class Engine(Recovery):
         self.context_length = (self._batch_runner.slot_length(self.max_batch, max_model_len, self._usable_bytes())
                                if self._use_slots else runner.context_length)
         self.scheduler = Scheduler(self.max_batch, runner.prefill_bytes if self._use_slots else None,
-                                   headroom or self._headroom,
+                                   headroom or self.free_for_prefills,
                                    on_cancelled=lambda sequence: self.finish(sequence, FinishReason.CANCELLED))
         self.reply_cache = ReplyCache(cache_size)  # greedy replies by chat and settings
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
@@ -100,7 +100,7 @@ class Engine(Recovery):
         if self._use_slots and self._batch is None:
             self._batch = allocate_slots(self._batch_runner, self.max_batch, self.context_length,
                                          capture=not self.enforce_eager, usable=self._usable_bytes())
-            room = self._headroom()
+            room = self.free_for_prefills()
             if room is not None:
                 log.info("after slots and captured steps, %.0f MB are free for prefills", room / 2**20)
         self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
@@ -133,7 +133,7 @@ class Engine(Recovery):
         free_memory()
         return usable_bytes(self._batch_runner.devices, self._utilization)
 
-    def _headroom(self) -> int | None:
+    def free_for_prefills(self) -> int | None:
         """What a prefill may take now: the usable memory less what the runner may still take."""
         usable = usable_bytes(self._batch_runner.devices, self._utilization) if self._use_slots else None
         return None if usable is None else usable - self._batch_runner.working_bytes(self.max_batch)
