@@ -24,7 +24,7 @@ import time
 import torch
 
 from ..intake.conversation import Conversation
-from ..model.runner import BatchRunner, Runner
+from ..model.runner import BatchRunner
 from ..system.gpu import peak_memory_mb, reset_peak_memory
 from .context import fit_for_stream
 from .contract import EngineState
@@ -38,7 +38,6 @@ from .request import FinishReason, ReplyStream, SamplingParams
 from .sampling import RowSampler
 from .scheduler import PREFILL_PIECE_TOKENS, Scheduler
 from .sequence import Sequence
-from .serial import serve_one_serially
 from .slots import fill_holes
 
 log = logging.getLogger(__name__)
@@ -47,27 +46,26 @@ log = logging.getLogger(__name__)
 class Engine:
     """Owns a model runner on one thread and serves every request through it."""
 
-    def __init__(self, runner: Runner, *, max_batch: int = 8, cache_size: int = 128,
+    def __init__(self, runner: BatchRunner, *, max_batch: int = 8, cache_size: int = 128,
                  memory_budget_bytes: int | None = None, seed: int = 0, batch_call: BatchCall | None = None,
                  max_thinking_tokens: int = 0, max_model_len: int = 0, enforce_eager: bool = False) -> None:
         """`batch_call` (ZeroGPU only, see one_call.py) runs each batch to the end in one GPU call.
         `max_thinking_tokens`: each reply's reasoning budget (0 = no cap; the app passes
         --max-thinking-tokens), see reasoning_budget.py.
 
-        Batching runners get `max_batch` preallocated slots of `max_model_len` tokens (0: sized
-        from `memory_budget_bytes`), and, unless `enforce_eager`, captured decode steps where the
+        The runner gets `max_batch` preallocated slots of `max_model_len` tokens (0: sized from
+        `memory_budget_bytes`), and, unless `enforce_eager`, captured decode steps where the
         device allows; ZeroGPU keeps no state between calls, so no slots.
         """
         self.runner = runner
         self.max_thinking_tokens = max_thinking_tokens
         self.batch_call = batch_call
-        self.max_batch = max_batch if runner.supports_batching else 1
+        self.max_batch = max_batch
         self.enforce_eager = enforce_eager
-        self._use_slots = runner.supports_batching and batch_call is None
+        self._use_slots = batch_call is None
         self.context_length = (runner.slot_length(self.max_batch, max_model_len, memory_budget_bytes)
                                if self._use_slots else runner.context_length)
-        self.scheduler = Scheduler(self.max_batch, memory_budget_bytes,
-                                   runner.cache_bytes if runner.supports_batching else None,
+        self.scheduler = Scheduler(self.max_batch, memory_budget_bytes, runner.cache_bytes,
                                    on_cancelled=lambda sequence: self.finish(sequence, FinishReason.CANCELLED))
         self.reply_cache = ReplyCache(cache_size)  # greedy replies by chat and settings
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
@@ -85,8 +83,8 @@ class Engine:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Engine:
         if self._use_slots and self._batch is None:
-            self._batch = self._batch_runner.new_slots(self.max_batch, self.context_length,
-                                                       capture=not self.enforce_eager)
+            self._batch = self.runner.new_slots(self.max_batch, self.context_length,
+                                                capture=not self.enforce_eager)
         self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
         self._thread.start()
         return self
@@ -109,11 +107,6 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def _batch_runner(self) -> BatchRunner:
-        """The runner's batching half (only called when `runner.supports_batching`)."""
-        return self.runner  # type: ignore[return-value]
 
     # -- the handlers' side ------------------------------------------------------------------
     def submit(self, conversation: Conversation, params: SamplingParams) -> ReplyStream:
@@ -141,7 +134,7 @@ class Engine:
 
     @property
     def reads_video(self) -> bool:
-        """Whether the model takes videos (the legacy 2.5 / 2.6 ones do not)."""
+        """Whether the model takes videos (2.5 / 2.6 do not)."""
         return self.runner.reads_video
 
     @property
@@ -173,13 +166,11 @@ class Engine:
             self.scheduler.drop_cancelled()
             if self.batch_call is not None:
                 serve_in_one_call(self, self.batch_call)
-            elif self.runner.supports_batching:
+            else:
                 self._admit()
                 self._advance_piecewise()
                 if self.running:
                     self._step()
-            else:
-                serve_one_serially(self)
 
     def _admit(self) -> None:
         """Prefill the requests the scheduler lets in, together, into free batch slots."""
@@ -187,7 +178,7 @@ class Engine:
         admission = self.scheduler.schedule(self.running, piecewise, can_split=True)
         if admission.piecewise is not None:
             admission.piecewise.start()
-            self._piecewise = (admission.piecewise, self._batch_runner.begin_prefill(
+            self._piecewise = (admission.piecewise, self.runner.begin_prefill(
                 admission.piecewise.prompt, admission.piecewise.generated))
         if not admission.newcomers:
             return
@@ -203,7 +194,7 @@ class Engine:
         now = time.perf_counter()
         for sequence in newcomers:
             sequence.start(now)
-        return self._batch_runner.prefill([s.prompt for s in newcomers], [s.generated for s in newcomers])
+        return self.runner.prefill([s.prompt for s in newcomers], [s.generated for s in newcomers])
 
     def _advance_piecewise(self) -> None:
         """Prefill the next piece of the long prompt in hand; it joins the batch after its last."""
@@ -215,7 +206,7 @@ class Engine:
             self.finish(sequence, FinishReason.CANCELLED)
             return
         try:
-            done = self._batch_runner.prefill_some(partial, PREFILL_PIECE_TOKENS)
+            done = self.runner.prefill_some(partial, PREFILL_PIECE_TOKENS)
             if done is not None:
                 self._piecewise = None
                 self._add_rows([sequence], *done)
@@ -225,7 +216,7 @@ class Engine:
 
     def _add_rows(self, newcomers: list[Sequence], batch, logits: torch.Tensor) -> None:
         """Prefilled rows join the running batch with their first token."""
-        self._batch = self._batch_runner.merge(self._batch, batch)
+        self._batch = self.runner.merge(self._batch, batch)
         self.running.extend(newcomers)
         self._take_tokens(newcomers, logits)
         for sequence in self.running:
@@ -235,7 +226,7 @@ class Engine:
     def _step(self) -> None:
         tokens = torch.tensor([sequence.generated[-1] for sequence in self.running])
         try:
-            logits = self._batch_runner.step(self._batch, tokens)
+            logits = self.runner.step(self._batch, tokens)
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
                 raise
@@ -272,7 +263,7 @@ class Engine:
             return
         keep = fill_holes(alive)
         leaving = [sequence for sequence in self.running if sequence.finish_reason is not None]
-        self._batch = self._batch_runner.select(self._batch, keep)
+        self._batch = self.runner.select(self._batch, keep)
         self.running = [self.running[i] for i in keep]
         for sequence in leaving:
             if sequence.finish_reason != FinishReason.ERROR:  # a failed row's stream has ended already
@@ -296,7 +287,7 @@ class Engine:
         for sequence in [*self.running, *piecewise]:
             self.fail(sequence, message)
         self.running, self._piecewise = [], None
-        self._batch = self._batch_runner.empty(self._batch) if self._use_slots else None
+        self._batch = self.runner.empty(self._batch) if self._use_slots else None
         self.reset_peak()
 
     def reset_peak(self) -> None:
@@ -334,7 +325,7 @@ class Engine:
         already streamed, which continues it exactly where it was.
         """
         rows, self.running = self.running, []
-        self._batch = self._batch_runner.empty(self._batch) if self._use_slots else None
+        self._batch = self.runner.empty(self._batch) if self._use_slots else None
         free_memory()
         if len(rows) == 1:
             self.fail(rows[0], TOO_LARGE_MESSAGE)

@@ -79,8 +79,6 @@ class SlotBatch:
 class BatchedRunner:
     """The text model's side of `model.runner.BatchRunner`; a family adds encoding and pictures."""
 
-    supports_batching = True
-
     def __init__(self, *, text_model, lm_head, text_config, dtype: torch.dtype, device, pad_token_id: int) -> None:
         """`text_model(input_ids= or inputs_embeds=, attention_mask=, position_ids=, cache=,
         use_cache=)` returns the last hidden states and the cache; `lm_head` maps them to logits;
