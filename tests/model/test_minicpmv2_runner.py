@@ -312,3 +312,34 @@ def test_videos_are_refused_with_a_clear_message(v25_runner, engines, tmp_path):
     video = prepare_video(clip, VideoLimits(), 4)
     with pytest.raises(ValueError, match="do not read videos"):
         v25_runner.encode(Conversation(turns=(Turn("user", "What happens?", videos=(video,)),)))
+
+
+class PieceCounter(GatedRunner):
+    """Counts the pieces of prefills done piece by piece."""
+
+    pieces = 0
+
+    def prefill_some(self, partial, tokens):
+        self.pieces += 1
+        return super().prefill_some(partial, tokens)
+
+
+def test_a_long_prompt_prefilled_in_pieces_never_splits_a_picture(runner, engines):
+    """A long chat that arrives while another row decodes is prefilled a piece at a time; the piece
+    that reaches the pictures takes all of their placeholders and features: it answers as alone."""
+    filler = "the picture shows a house by the sea with a red door and two windows " * 12
+    history = (Turn("user", filler), Turn("assistant", filler),
+               Turn("user", "Look.", images=(asset_image("chart.png"),)), Turn("assistant", "A chart."))
+    chat = ask("And this one?", "receipt.png", history=history)
+    prompt = runner.encode(chat)
+    assert prompt.length > 600 and int(prompt.image_bound[0, 0]) > 256, "pictures start past the first piece"
+    alone = engines(runner, max_batch=1).submit(chat, GREEDY).result(timeout=60)
+    counter = PieceCounter(runner)
+    engine = engines(counter, max_batch=2)
+    busy = engine.submit(QUESTIONS[4], SamplingParams(max_new_tokens=100, temperature=0.0))
+    assert wait_until(lambda: engine.active_rows == 1, timeout=60)
+    late = engine.submit(chat, GREEDY)
+    counter.allow_all()
+    assert late.result(timeout=60) == alone
+    assert counter.pieces >= 2 and late.stats.batch_size == 2
+    busy.result(timeout=60)
