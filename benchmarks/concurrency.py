@@ -67,6 +67,8 @@ class Server:
             command += ["--dtype", args.dtype]
         if args.quant:
             command += ["--quant", args.quant]
+        if args.torch_threads:
+            command += ["--torch-threads", str(args.torch_threads)]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)
@@ -260,6 +262,9 @@ def main() -> int:
     parser.add_argument("--model", default="tiny", help=f"what app.py serves; '{TINY_V25}': the tiny MiniCPM-V 2.5")
     parser.add_argument("--dtype", default="")
     parser.add_argument("--quant", default="")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help=f"the app's --torch-threads (0: its auto; '{TINY_V25}' gets 1, as the app gives its "
+                             "built-in tiny model)")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--batched", type=int, default=8, help="--max-batch of the batched run")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -269,6 +274,8 @@ def main() -> int:
                         help="the app's budget of streamed updates per second (0 = none)")
     parser.add_argument("--tag", default="cpu-tiny", help="name of the result files")
     args = parser.parse_args()
+    if args.model == TINY_V25:
+        args.torch_threads = args.torch_threads or 1  # a toy model's ops are too small to split
     args.model = served_model(args.model)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
