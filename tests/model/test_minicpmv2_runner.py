@@ -343,3 +343,29 @@ def test_a_long_prompt_prefilled_in_pieces_never_splits_a_picture(runner, engine
     assert late.result(timeout=60) == alone
     assert counter.pieces >= 2 and late.stats.batch_size == 2
     busy.result(timeout=60)
+
+
+class OutOfMemoryOnce(MiniCPMV2Runner):
+    """Raises CUDA's out-of-memory error once, in the first decode step of more than `rows` rows."""
+
+    def __init__(self, runner: MiniCPMV2Runner, rows: int) -> None:
+        super().__init__(runner.model, runner.processor)
+        self.rows, self.refusals = rows, 0
+
+    def step(self, batch, tokens):
+        if batch.size > self.rows and not self.refusals:
+            self.refusals += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().step(batch, tokens)
+
+
+def test_out_of_memory_in_a_step_readmits_the_rows_which_go_on_exactly(v25_runner, engines):
+    """The engine halves the batch and re-prefills each row from its prompt and the tokens it
+    already streamed: the pictures' features land at the same places, the replies are unchanged."""
+    alone = [engines(v25_runner, max_batch=1).submit(c, GREEDY).result(timeout=60) for c in QUESTIONS]
+    runner = OutOfMemoryOnce(v25_runner, rows=2)
+    engine = engines(runner, started_now=False, max_batch=8)
+    streams = [engine.submit(c, GREEDY) for c in QUESTIONS]
+    engine.start()
+    assert [s.result(timeout=60) for s in streams] == alone
+    assert runner.refusals == 1 and engine.scheduler.ceiling < 8
