@@ -369,3 +369,17 @@ def test_out_of_memory_in_a_step_readmits_the_rows_which_go_on_exactly(v25_runne
     engine.start()
     assert [s.result(timeout=60) for s in streams] == alone
     assert runner.refusals == 1 and engine.scheduler.ceiling < 8
+
+
+def test_one_call_batches_of_zerogpu_answer_as_alone(v25_runner, engines):
+    """ZeroGPU's path (no slots: a transformers cache, rows leave by index) with the 2.5 runner."""
+    from minicpmv_demo.engine.one_call import decode_batch
+
+    alone = [engines(v25_runner, max_batch=1).submit(c, GREEDY).result(timeout=60) for c in QUESTIONS]
+    engine = engines(v25_runner, started_now=False, max_batch=8, batch_call=decode_batch)
+    streams = [engine.submit(c, GREEDY) for c in QUESTIONS]
+    short = engine.submit(QUESTIONS[0], SamplingParams(max_new_tokens=3, temperature=0.0))
+    engine.start()
+    assert [s.result(timeout=60) for s in streams] == alone
+    assert short.result(timeout=60) and short.stats.tokens == 3
+    assert streams[0].stats.batch_size == len(QUESTIONS) + 1
