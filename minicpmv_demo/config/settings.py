@@ -22,8 +22,10 @@ class Settings:
 
     model: str = field(
         default="auto",
-        metadata={"help": "hub id or local folder; 'auto' = openbmb/MiniCPM-V-4.6 on a CUDA GPU, "
-                          "else the built-in tiny test model; 'tiny' = always the tiny model"})
+        metadata={"help": "hub id or local folder of MiniCPM-V 4.6 / 4.7, 2.6 or 2.5 (e.g. "
+                          "openbmb/MiniCPM-Llama3-V-2_5-int4; all run by this project's own code, never the "
+                          "checkpoint's); 'auto' = openbmb/MiniCPM-V-4.6 on a CUDA GPU, else the built-in tiny "
+                          "test model; 'tiny' = always the tiny model"})
     quant: str = field(
         default="auto", metadata={"help": "auto|none|int4|int8 (int4 = bitsandbytes nf4, double quant)",
                                   "choices": ("auto", "none", "int4", "int8")})
@@ -33,9 +35,6 @@ class Settings:
     device_map: str = field(
         default="auto", metadata={"help": "'auto' spreads the model over all GPUs (accelerate); "
                                           "or cpu, cuda, cuda:1"})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "allow the legacy MiniCPM-V 2.5/2.6 checkpoints, which run "
-                                         "code downloaded with the model"})
     tiny_model_dir: str = field(
         default="", metadata={"help": "where the tiny model is built (default: ~/.cache/minicpmv-demo)"})
     backend: str = field(

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from ..intake.conversation import Conversation
-from ..model.runner import BatchRunner, Runner
+from ..model.runner import BatchRunner
 from ..system.gpu import peak_memory_mb, reset_peak_memory, usable_bytes
 from .context import fit_for_stream
 from .contract import EngineState
@@ -40,7 +40,6 @@ from .request import FinishReason, ReplyStream, SamplingParams
 from .sampling import RowSampler, Sampled
 from .scheduler import PREFILL_PIECE_TOKENS, Scheduler
 from .sequence import Sequence
-from .serial import serve_one_serially
 from .slots import fill_holes
 from .start import allocate_slots
 
@@ -50,7 +49,7 @@ log = logging.getLogger(__name__)
 class Engine(Recovery):
     """Owns a model runner on one thread and serves every request through it."""
 
-    def __init__(self, runner: Runner, *, max_batch: int = 8, cache_size: int = 128,
+    def __init__(self, runner: BatchRunner, *, max_batch: int = 8, cache_size: int = 128,
                  gpu_memory_utilization: float = 0.9, headroom: Callable[[], int | None] | None = None,
                  seed: int = 0, batch_call: BatchCall | None = None, max_thinking_tokens: int = 0,
                  max_model_len: int = 0, enforce_eager: bool = False,
@@ -59,7 +58,7 @@ class Engine(Recovery):
         `max_thinking_tokens`: each reply's reasoning budget (0 = no cap; the app passes
         --max-thinking-tokens), see reasoning_budget.py.
 
-        Batching runners get `max_batch` preallocated slots of `max_model_len` tokens (0: sized
+        The runner gets `max_batch` preallocated slots of `max_model_len` tokens (0: sized
         from the GPU memory free under `gpu_memory_utilization`), and, unless `enforce_eager`,
         captured decode steps where the device allows; ZeroGPU keeps no state between calls, so
         no slots. A prefill is admitted when its memory fits `headroom()` (default: measured on the
@@ -69,11 +68,11 @@ class Engine(Recovery):
         self.runner = runner
         self.max_thinking_tokens = max_thinking_tokens
         self.batch_call = batch_call
-        self.max_batch = max_batch if runner.supports_batching else 1
+        self.max_batch = max_batch
         self.enforce_eager = enforce_eager
-        self._use_slots = runner.supports_batching and batch_call is None
+        self._use_slots = batch_call is None
         self._utilization = gpu_memory_utilization
-        self.context_length = (self._batch_runner.slot_length(self.max_batch, max_model_len, self._usable_bytes())
+        self.context_length = (self.runner.slot_length(self.max_batch, max_model_len, self._usable_bytes())
                                if self._use_slots else runner.context_length)
         self.scheduler = Scheduler(self.max_batch, runner.prefill_bytes if self._use_slots else None,
                                    headroom or self.free_for_prefills,
@@ -98,7 +97,7 @@ class Engine(Recovery):
         """Preallocate the slots (and capture decode steps), then start the engine thread.
         Raises EngineStartError (one line saying what to lower) when the slots do not fit."""
         if self._use_slots and self._batch is None:
-            self._batch = allocate_slots(self._batch_runner, self.max_batch, self.context_length,
+            self._batch = allocate_slots(self.runner, self.max_batch, self.context_length,
                                          capture=not self.enforce_eager, usable=self._usable_bytes())
             room = self.free_for_prefills()
             if room is not None:
@@ -131,17 +130,12 @@ class Engine(Recovery):
         if not self._use_slots:
             return None
         free_memory()
-        return usable_bytes(self._batch_runner.devices, self._utilization)
+        return usable_bytes(self.runner.devices, self._utilization)
 
     def free_for_prefills(self) -> int | None:
         """What a prefill may take now: the usable memory less what the runner may still take."""
-        usable = usable_bytes(self._batch_runner.devices, self._utilization) if self._use_slots else None
-        return None if usable is None else usable - self._batch_runner.working_bytes(self.max_batch)
-
-    @property
-    def _batch_runner(self) -> BatchRunner:
-        """The runner's batching half (only called when `runner.supports_batching`)."""
-        return self.runner  # type: ignore[return-value]
+        usable = usable_bytes(self.runner.devices, self._utilization) if self._use_slots else None
+        return None if usable is None else usable - self.runner.working_bytes(self.max_batch)
 
     # -- the handlers' side ------------------------------------------------------------------
     def submit(self, conversation: Conversation, params: SamplingParams) -> ReplyStream:
@@ -202,13 +196,11 @@ class Engine(Recovery):
             self.scheduler.drop_cancelled()
             if self.batch_call is not None:
                 serve_in_one_call(self, self.batch_call)
-            elif self.runner.supports_batching:
-                self._admit()
-                self._advance_piecewise()
-                if self.running:
-                    self._step()
-            else:
-                serve_one_serially(self)
+                continue
+            self._admit()
+            self._advance_piecewise()
+            if self.running:
+                self._step()
 
     def _admit(self) -> None:
         """Prefill the requests the scheduler lets in, together, into free batch slots."""
@@ -216,7 +208,7 @@ class Engine(Recovery):
         admission = self.scheduler.schedule(self.running, piecewise, can_split=True)
         if admission.piecewise is not None:
             admission.piecewise.start()
-            self._piecewise = (admission.piecewise, self._batch_runner.begin_prefill(
+            self._piecewise = (admission.piecewise, self.runner.begin_prefill(
                 admission.piecewise.prompt, admission.piecewise.generated))
         if not admission.newcomers:
             return
@@ -231,7 +223,7 @@ class Engine(Recovery):
         now = time.perf_counter()
         for sequence in newcomers:
             sequence.start(now)
-        return self._batch_runner.prefill([s.prompt for s in newcomers], [s.generated for s in newcomers])
+        return self.runner.prefill([s.prompt for s in newcomers], [s.generated for s in newcomers])
 
     def _advance_piecewise(self) -> None:
         """Prefill the next piece of the long prompt in hand; it joins the batch after its last."""
@@ -242,7 +234,7 @@ class Engine(Recovery):
             self._piecewise = None
             self.finish(sequence, FinishReason.CANCELLED)
             return
-        done, failure = attempt(lambda: self._batch_runner.prefill_some(partial, PREFILL_PIECE_TOKENS))
+        done, failure = attempt(lambda: self.runner.prefill_some(partial, PREFILL_PIECE_TOKENS))
         if failure is not None:  # handled as any prefill of one request
             self._piecewise = None
             self._on_prefill_failure([sequence], failure)
@@ -252,7 +244,7 @@ class Engine(Recovery):
 
     def _add_rows(self, newcomers: list[Sequence], batch, logits: torch.Tensor) -> None:
         """Prefilled rows join the running batch with their first token."""
-        self._batch = self._batch_runner.merge(self._batch, batch)
+        self._batch = self.runner.merge(self._batch, batch)
         self.running.extend(newcomers)
         for sequence in self.running:
             sequence.largest_batch = max(sequence.largest_batch, len(self.running))
@@ -268,7 +260,7 @@ class Engine(Recovery):
         like the step itself: on a full GPU its [B, V] temporaries are the last straw)."""
         tokens = torch.tensor([sequence.generated[-1] for sequence in self.running])
         sampled, failure = attempt(lambda: self.sampler.sample(self.running,
-                                                               self._batch_runner.step(self._batch, tokens)))
+                                                               self.runner.step(self._batch, tokens)))
         if failure is not None:
             self._on_batch_failure(failure)
             return
@@ -302,7 +294,7 @@ class Engine(Recovery):
             return
         keep = fill_holes(alive)
         leaving = [sequence for sequence in self.running if sequence.finish_reason is not None]
-        self._batch = self._batch_runner.select(self._batch, keep)
+        self._batch = self.runner.select(self._batch, keep)
         self.running = [self.running[i] for i in keep]
         for sequence in leaving:
             if sequence.finish_reason != FinishReason.ERROR:  # a failed row's stream has ended already

@@ -28,7 +28,7 @@ class Recovery:
         for sequence in [*self.running, *piecewise]:
             self.fail(sequence, message)
         self.running, self._piecewise = [], None
-        self._batch = self._batch_runner.empty(self._batch) if self._use_slots else None
+        self._batch = self.runner.empty(self._batch) if self._use_slots else None
         self.reset_peak()
 
     def _on_prefill_failure(self, newcomers: list[Sequence], failure: Failure) -> None:
@@ -90,7 +90,7 @@ class Recovery:
         already streamed, which continues it exactly where it was.
         """
         rows, self.running = self.running, []
-        self._batch = self._batch_runner.empty(self._batch) if self._use_slots else None
+        self._batch = self.runner.empty(self._batch) if self._use_slots else None
         free_memory()
         if len(rows) == 1:
             self.fail(rows[0], TOO_LARGE_MESSAGE)

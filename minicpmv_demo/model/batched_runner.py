@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..system.lru import LruCache
 from .graphs import capture_decode_graphs
 from .slot_cache import SlotCache
 
@@ -78,8 +79,6 @@ class SlotBatch:
 
 class BatchedRunner:
     """The text model's side of `model.runner.BatchRunner`; a family adds encoding and pictures."""
-
-    supports_batching = True
 
     def __init__(self, *, text_model, lm_head, text_layers, text_config, dtype: torch.dtype, device,
                  pad_token_id: int, capturable: bool = True) -> None:
@@ -329,8 +328,14 @@ class BatchedRunner:
 
     def working_bytes(self, max_batch: int) -> int:
         """Memory the runner may still take beside slots and prefills: the sampler's [B, V]
-        temporaries (probabilities, a sorted copy for top-p) and a family's caches filling up."""
-        return max_batch * self.text_config.vocab_size * 4 * 4
+        temporaries (probabilities, a sorted copy for top-p) and the room the family's caches on
+        the GPU (vision features) may still fill."""
+        room = sum(max(0, cache.capacity - cache.total) for cache in self._device_caches())
+        return max_batch * self.text_config.vocab_size * 4 * 4 + room
+
+    def _device_caches(self) -> list[LruCache]:
+        """The family's byte-bounded caches that live on the GPU."""
+        return []
 
 
 def _device_of(module: torch.nn.Module, default: torch.device) -> torch.device:

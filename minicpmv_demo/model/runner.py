@@ -1,26 +1,25 @@
 """What every model runner must provide: the contract between the engine and a model family.
 
-The engine decides which requests run together; a runner executes that on its model. A family
-(MiniCPM-V 4.x in minicpmv4/, and any other) meets `BatchRunner`: it encodes conversations on the
-callers' threads, prefills newcomers, merges them into preallocated slots, runs one decode step
-for every row, and lets rows leave. A runner that can only answer one request at a time through
-its own generation loop meets `SerialRunner` instead.
+The engine decides which requests run together; a runner executes that on its model. Every
+family (MiniCPM-V 4.x in minicpmv4/, 2.5 and 2.6 in minicpmv2/) meets `BatchRunner`: it encodes
+conversations on the callers' threads, prefills newcomers, merges them into preallocated slots,
+runs one decode step for every row, and lets rows leave (model/batched_runner.py does the
+batching part for all of them). No runner has a generation loop of its own: Stop, failures and
+memory are the engine's, for every model alike.
 
-Capabilities that differ between runners are fields with a value (`supports_batching`,
-`reads_video`, `thinks_by_default`, `reasoning_tags`): the engine reads them and never probes a
-runner for methods.
+Capabilities that differ between runners are fields with a value (`reads_video`,
+`thinks_by_default`, `reasoning_tags`): the engine reads them and never probes a runner for
+methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from ..engine.reasoning_budget import ReasoningTags
-    from ..engine.request import SamplingParams
     from ..intake.conversation import Conversation, PromptOptions, Turn
 
 
@@ -44,8 +43,7 @@ class Runner(Protocol):
     context_length: int  # tokens the model reads at most (prompt and reply)
     reasoning_tags: ReasoningTags | None  # `<think>` / `</think>` ids; None: the model never reasons
     thinks_by_default: bool  # what a request that does not choose gets
-    reads_video: bool  # whether conversations may hold videos
-    supports_batching: bool  # True: a `BatchRunner`; False: a `SerialRunner`
+    reads_video: bool  # whether conversations may hold videos (the front ends refuse them otherwise)
 
     def encode(self, conversation: Conversation) -> EncodedPrompt:
         """The prompt the model reads for `conversation` (called on the callers' threads)."""
@@ -103,10 +101,3 @@ class BatchRunner(Runner, Protocol):
     def working_bytes(self, max_batch: int) -> int:
         """Memory the runner may still take beside slots and prefills (sampler, feature caches)."""
 
-
-class SerialRunner(Runner, Protocol):
-    """A runner that answers one request at a time through its own generation loop."""
-
-    def stream(self, prompt: EncodedPrompt, params: SamplingParams,
-               cancelled: Callable[[], bool]) -> Iterator[str]:
-        """Yield the reply's text pieces until done; stop reading the model once `cancelled()`."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minicpmv2_support import v25_cache  # noqa: F401 (fixture)
+from minicpmv2_support import tiny_v26_dir, v25_cache  # noqa: F401 (fixtures)
 from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.intake.images import PreparedImage
 
@@ -31,13 +31,6 @@ RELEASE_V26_CONFIG = {
     "vision_config": {"hidden_size": 1152, "image_size": 980, "intermediate_size": 4304, "model_type": "siglip",
                       "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14},
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_v26_dir(v25_cache):
-    from minicpmv_demo.model.minicpmv2 import ensure_tiny_v26
-
-    return ensure_tiny_v26(v25_cache)
 
 
 @pytest.fixture(scope="session")

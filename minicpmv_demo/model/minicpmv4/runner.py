@@ -201,9 +201,8 @@ class MiniCPMV4Runner(BatchedRunner):
         at = [i for i, token in enumerate(ids) if token in visual]
         return (at[0], at[-1] + 1) if at else None
 
-    def working_bytes(self, max_batch: int) -> int:
-        """The sampler's temporaries and the room the vision-feature cache may still fill."""
-        return super().working_bytes(max_batch) + max(0, VISION_CACHE_BYTES - self._vision_cache.total)
+    def _device_caches(self) -> list[LruCache]:
+        return [self._vision_cache]
 
     def _step_mask(self, visible: torch.Tensor) -> dict:
         """Full-attention layers read the slot columns' visibility; a one-token step of the
