@@ -48,6 +48,12 @@ class Settings:
     backend_timeout: float = field(
         default=60.0, metadata={"help": "seconds the backend may take to connect, to start a reply, or "
                                         "between two pieces of it, before the user is told it failed"})
+    backend_reply_seconds: float = field(
+        default=600.0, metadata={"help": "most seconds one reply from the backend may take in all (a backend "
+                                         "that only sends keep-alives or never ends is cut off there)"})
+    show_backend_url: bool = field(
+        default=False, metadata={"help": "with --backend and no --auth, /health also names the backend's URL "
+                                         "(off: it says whether the backend is up, its kind and model only)"})
 
     max_batch: int = field(default=8, metadata={"help": "most requests decoded together in one batch"})
     concurrency: int = field(
@@ -233,8 +239,8 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--max-body-mb must be positive")
     if settings.backend and not settings.backend.startswith(("http://", "https://")):
         problems.append("--backend must be an http:// or https:// URL")
-    if settings.backend_timeout <= 0:
-        problems.append("--backend-timeout must be positive")
+    if settings.backend_timeout <= 0 or not settings.backend_reply_seconds > 0:
+        problems.append("--backend-timeout and --backend-reply-seconds must be positive")
     if settings.max_video_mb <= 0 or settings.max_video_seconds <= 0:
         problems.append("--max-video-mb and --max-video-seconds must be positive")
     from ..intake.conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries

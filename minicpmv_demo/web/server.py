@@ -98,8 +98,9 @@ class App:
     async def health(self) -> JSONResponse:
         """Plain HTTP, outside the queue and auth, for load balancers and uptime checks.
 
-        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo.
-        `async` on purpose: it reads counters only, so it answers on the event loop even while
+        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo,
+        except the backend's address (--show-backend-url), which tells a stranger where the
+        model server lies. `async` on purpose: it reads counters only, so it answers on the event loop even while
         every worker thread is busy.
         """
         state = self.engine.state()
@@ -110,7 +111,10 @@ class App:
                      "queue_depth": state.queue_depth, "batch_size": state.batch_size,
                      "engine_restarts": state.restarts}
             if state.backend is not None:
-                body["backend"] = asdict(state.backend)
+                backend = asdict(state.backend)
+                if not self.settings.show_backend_url:
+                    del backend["url"]
+                body["backend"] = backend
         return JSONResponse(body, status_code=200 if state.alive else 503)
 
     async def gpu_memory(self) -> JSONResponse:
@@ -170,6 +174,7 @@ def _remote_engine(settings: Settings) -> tuple[LoadedModel, RemoteEngine, Backe
     probe = BackendProbe(settings.backend, settings.backend_api_key, settings.backend_model,
                          interval_s=settings.panel_interval, timeout_s=min(5.0, settings.backend_timeout)).start()
     engine = RemoteEngine(probe, api_key=settings.backend_api_key, timeout_s=settings.backend_timeout,
+                          reply_seconds=settings.backend_reply_seconds,
                           max_batch=settings.concurrency)
     try:
         engine.start()
