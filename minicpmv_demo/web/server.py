@@ -81,6 +81,10 @@ class App:
             "favicon_path": str(FAVICON),
         }
         options.update(overrides)
+        # Gradio's uvicorn rewrites the client's address from X-Forwarded-For for the peers this
+        # variable names (127.0.0.1 unless set), before any middleware of ours runs: a client on
+        # this machine could pose as any address to the login throttle. Only --trusted-proxy may.
+        os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
         # Plain JSON twin of the page's gpu_memory API: what a front end reads when this app is
