@@ -134,6 +134,9 @@ class Settings:
         default="", metadata={"help": "address or network of the reverse proxy in front of the app (several "
                                       "comma-separated, or '*'): only requests from it may name their client "
                                       "with X-Forwarded-For; empty = the header is ignored"})
+    model_aliases: str = field(
+        default="", metadata={"help": "other model names the OpenAI routes answer to (comma-separated); "
+                                      "/v1/models lists them, any other name gets 404"})
     seed: int = field(default=0, metadata={"help": "seed for sampling (temperature > 0)"})
     torch_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch; 0 = auto (1 for the tiny model, whose "
@@ -147,6 +150,10 @@ class Settings:
     @property
     def trusted_proxies(self) -> tuple[str, ...]:
         return _comma_list(self.trusted_proxy)
+
+    @property
+    def model_alias_names(self) -> tuple[str, ...]:
+        return _comma_list(self.model_aliases)
 
     @property
     def auth_pair(self) -> tuple[str, str] | None:

@@ -90,7 +90,7 @@ class App:
         # Plain JSON twin of the page's gpu_memory API: what a front end reads when this app is
         # its backend. Under /v1/, so --auth's API key guards it like the chat route.
         launched[0].add_api_route("/v1/gpu_memory", self.gpu_memory, methods=["GET"])
-        add_openai_routes(launched[0], self.service, self.loaded.public_name)
+        add_openai_routes(launched[0], self.service, self.loaded.public_name, settings.model_alias_names)
         # Everything built so far (model, tokenizer, Gradio's app: millions of objects) lives as
         # long as the server. Frozen, the collector stops rescanning it: a full collection
         # during a burst of requests took ~300 ms on the tiny model and stalled every request.
