@@ -81,7 +81,15 @@ class ReplyStats:
 
 
 class ReplyError(RuntimeError):
-    """The engine could not produce this reply; the message is meant for the user."""
+    """The engine could not produce this reply; the message is meant for the user.
+
+    `refused`: the request itself cannot be answered (a prompt longer than the context, a
+    backend's 4xx), so trying again unchanged will not help: an API answers it with a 400.
+    """
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ReplyStream:
@@ -98,6 +106,7 @@ class ReplyStream:
         self._text = ""
         self._stats: ReplyStats | None = None
         self._error: str | None = None
+        self.refused = False  # the failure is the request's own (see ReplyError)
         self._cancelled = threading.Event()
         self._ended = threading.Event()  # set with the stats or the error; wakes a coalescing reader
         self._end_callbacks: list[Callable[[], None]] = []
@@ -126,9 +135,10 @@ class ReplyStream:
             self._changed.notify_all()
         self._run_end_callbacks()
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, refused: bool = False) -> None:
+        """End with `message` for the user; `refused` when the request itself is at fault."""
         with self._changed:
-            self._error = message
+            self._error, self.refused = message, refused
             self._ended.set()
             self._changed.notify_all()
         self._run_end_callbacks()
@@ -173,6 +183,11 @@ class ReplyStream:
     def stats(self) -> ReplyStats | None:
         return self._stats
 
+    @property
+    def error(self) -> str | None:
+        """The failure's message for the user; None unless the reply failed."""
+        return self._error
+
     def updates(self, interval: float | Callable[[], float] = 0.0) -> Iterator[str]:
         """Yield the accumulated text each time it grew; raise ReplyError if the engine failed it.
 
@@ -187,7 +202,7 @@ class ReplyStream:
                 sent = text
                 yield text
             if error is not None:
-                raise ReplyError(error)
+                raise ReplyError(error, self.refused)
             if done:
                 return
             pause = interval() if callable(interval) else interval
@@ -200,5 +215,5 @@ class ReplyStream:
         if not self.wait(timeout):
             raise TimeoutError("reply not finished in time")
         if self._error is not None:
-            raise ReplyError(self._error)
+            raise ReplyError(self._error, self.refused)
         return self._text

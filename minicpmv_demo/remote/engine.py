@@ -155,7 +155,7 @@ class RemoteEngine:
                 reader.result()
         except Exception as exc:  # noqa: BLE001 - every failure becomes this one reply's message
             if not stream.done:
-                stream.fail(failure_message(exc))
+                stream.fail(failure_message(exc), refused=refused_by_backend(exc))
         finally:
             with self._lock:
                 self._active -= 1
@@ -229,6 +229,13 @@ def _reasoning(delta) -> str:
     """vLLM's `reasoning_content` (newer servers also say `reasoning`) from a stream delta."""
     extra = delta.model_extra or {}
     return extra.get("reasoning_content") or extra.get("reasoning") or ""
+
+
+def refused_by_backend(exc: BaseException) -> bool:
+    """The backend refused the request itself (a 4xx other than rate limits and timeouts): it
+    would refuse it again unchanged, so an API passes the refusal on as a 400."""
+    return (isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500
+            and exc.status_code not in (408, 409, 429))
 
 
 def failure_message(exc: BaseException) -> str:

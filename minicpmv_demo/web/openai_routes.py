@@ -108,7 +108,9 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str, alias
                 return error_response(ApiError(499, "The client closed the request.", "cancelled"))
             text = stop.visible(stream.result(timeout=0), ended=True)
         except ReplyError as exc:
-            return error_response(ApiError(500, str(exc), "server_error"))
+            # A request the engine or the backend refused is the client's to change (a 500 would
+            # be retried unchanged by the openai SDK).
+            return error_response(ApiError(400, str(exc)) if exc.refused else ApiError(500, str(exc), "server_error"))
         finally:
             stream.cancel()  # no-op once finished; frees the row of a client that left
         return JSONResponse(_completion(completion_id, model_name, text, stream, stop))
@@ -248,6 +250,8 @@ def _read_and_submit(service: ChatService, body: dict, exit_gate: Callable[[], N
                                        exit_gate=exit_gate)
         except InputError as exc:
             raise ApiError(400, str(exc)) from None
+        if stream.done and stream.refused:  # refused at the door (a prompt longer than the context)
+            raise ApiError(400, stream.error or "The request was refused.")
         return stream
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # pictures and video frames are in memory by now
