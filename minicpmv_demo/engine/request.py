@@ -17,6 +17,8 @@ from enum import Enum
 # The widest sampling settings the engine takes (OpenAI's range for temperature).
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 2.0
+# What a torch generator takes as a seed (and vLLM as a request's): a 64-bit whole number.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 means off: every token may be drawn
     repetition_penalty: float = 1.0  # 1 means off; above 1 makes tokens already in the row rarer
+    # A request's own seed: its draws come from a generator of its own, so the same seed gives the
+    # same sampled reply whatever else is in the batch. None: the engine's shared generator.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -46,6 +51,9 @@ class SamplingParams:
         if not _number_within(self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY) or self.repetition_penalty == 0:
             raise ValueError(f"repetition_penalty must be a number above 0 and at most "
                              f"{MAX_REPETITION_PENALTY:g}, not {self.repetition_penalty!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not MIN_SEED <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be a whole number from {MIN_SEED} to {MAX_SEED}, not {self.seed!r}.")
 
     @property
     def greedy(self) -> bool:

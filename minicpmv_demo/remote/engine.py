@@ -207,7 +207,8 @@ class RemoteEngine:
 
 
 # What the `openai` client takes as keyword arguments; everything else goes in `extra_body`.
-STANDARD_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p"})
+STANDARD_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p",
+                             "seed"})
 
 
 class BackendDown(RuntimeError):

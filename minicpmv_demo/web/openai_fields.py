@@ -8,6 +8,7 @@ it asked. The refusal is a 400 that names the field (OpenAI's `param`).
 
 from __future__ import annotations
 
+from ..engine.request import MAX_SEED, MIN_SEED
 from .api_errors import ApiError
 
 # OpenAI takes up to 4 stop sequences; a longer one than this is not a stop word but a payload.
@@ -20,6 +21,11 @@ UNSUPPORTED: dict[str, tuple[str, tuple]] = {
     "functions": ("this server does not call functions", ([],)),
     "tool_choice": ("this server does not call tools", ("none", "auto")),
     "function_call": ("this server does not call functions", ("none", "auto")),
+    # The sampler could compute them (a log-softmax a step for the rows that ask), but carrying
+    # them token by token beside the streamed text, its reasoning split and its stop cut is not
+    # done: refused rather than answered without them.
+    "logprobs": ("this server does not return log probabilities", (False,)),
+    "top_logprobs": ("this server does not return log probabilities", (0,)),
 }
 
 
@@ -52,6 +58,15 @@ def stop_strings(body: dict) -> tuple[str, ...]:
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_STRINGS} strings of 1 to "
                             f"{MAX_STOP_CHARS} characters.", param="stop")
     return tuple(dict.fromkeys(stops))
+
+
+def request_seed(body: dict) -> int | None:
+    """`seed`: a whole number (64-bit); the same seed gives the same sampled reply."""
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not MIN_SEED <= seed <= MAX_SEED):
+        raise ApiError(400, f"'seed' must be a whole number from {MIN_SEED} to {MAX_SEED}, not {str(seed)[:40]!r}.",
+                       param="seed")
+    return seed
 
 
 def check_model(body: dict, names: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from urllib.parse import unquote, urlparse
 
 import anyio
@@ -37,7 +38,7 @@ from starlette.background import BackgroundTask
 
 from .admission import Busy
 from .api_errors import ApiError, error_response
-from .openai_fields import check_model, refuse_unsupported, stop_strings
+from .openai_fields import check_model, refuse_unsupported, request_seed, stop_strings
 from .stop_text import StopText
 from ..intake.message import InputError, content_parts
 from .chat_service import ChatService, upload_root
@@ -282,10 +283,11 @@ def _sampling(service: ChatService, body: dict) -> SamplingParams:
     body fields (as vLLM takes them; top_k -1 or 0 is off). What the client leaves out is the
     server's default, which is the checkpoint's own (`ChatService.defaults`), as vLLM does."""
     try:
-        return service.params(_first_given(body, "max_tokens", "max_completion_tokens"), body.get("temperature"),
-                              body.get("top_p"), body.get("top_k"), body.get("repetition_penalty"))
+        params = service.params(_first_given(body, "max_tokens", "max_completion_tokens"), body.get("temperature"),
+                                body.get("top_p"), body.get("top_k"), body.get("repetition_penalty"))
     except InputError as exc:
         raise ApiError(400, str(exc)) from None
+    return replace(params, seed=request_seed(body))
 
 
 def _first_given(body: dict, *names: str):

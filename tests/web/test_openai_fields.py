@@ -54,6 +54,8 @@ def streamed(url: str, **fields) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("field, value", [
+    ("logprobs", True),
+    ("top_logprobs", 3),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "required"),
     ("functions", [{"name": "f"}]),
@@ -69,7 +71,8 @@ def test_what_the_server_does_not_do_is_refused_by_name(served, field, value):
 
 
 def test_fields_that_ask_nothing_are_accepted(served):
-    answered = post(served[1], tools=[], tool_choice="none", response_format={"type": "text"}, n=1)
+    answered = post(served[1], tools=[], tool_choice="none", response_format={"type": "text"}, n=1, logprobs=False,
+                    top_logprobs=0)
     assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] is not None
 
 
@@ -123,3 +126,32 @@ def test_the_rest_of_a_stopped_reply_is_not_generated(served, client):
 def test_bad_stop_values_are_refused(served, stop):
     refused = post(served[1], stop=stop)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "stop"
+
+
+def test_the_same_seed_gives_the_same_sampled_reply(client):
+    def sampled(seed: int) -> str:
+        return client.chat.completions.create(model="tiny", messages=QUESTION, max_tokens=24, temperature=1.0,
+                                              seed=seed).choices[0].message.content
+
+    first = sampled(11)
+    assert sampled(11) == first and sampled(12) != first
+
+
+@pytest.mark.parametrize("seed", ["7", 1.5, True, 2**64])
+def test_bad_seeds_are_refused(served, seed):
+    refused = post(served[1], seed=seed)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "seed"
+
+
+def test_a_prompt_longer_than_the_context_is_a_400_with_its_length(tiny_settings, loaded_tiny):
+    """Not a 500: the openai SDK retries those, and a request that cannot fit never will."""
+    app, url = launch_app(replace(tiny_settings, cache_size=0, max_model_len=256), loaded_tiny)
+    long = [{"role": "user", "content": "the sea and the sky " * 200}]
+    try:
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="none", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match=r"too long for the model \(\d+ tokens; the model "
+                                                             r"reads at most 256\)"):
+                client.chat.completions.create(model="tiny", messages=long, max_tokens=8, stream=stream)
+    finally:
+        app.close()
