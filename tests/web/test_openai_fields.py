@@ -155,3 +155,11 @@ def test_a_prompt_longer_than_the_context_is_a_400_with_its_length(tiny_settings
                 client.chat.completions.create(model="tiny", messages=long, max_tokens=8, stream=stream)
     finally:
         app.close()
+
+
+def test_a_lone_surrogate_in_the_text_is_answered_not_a_500(served):
+    """JSON may carry "\\ud800", which no tokenizer takes: it is read as U+FFFD."""
+    body = '{"messages": [{"role": "user", "content": "\\ud800 hi"}], "max_tokens": 4}'
+    answered = httpx.post(f"{served[1]}v1/chat/completions", content=body, timeout=60,
+                          headers={"content-type": "application/json"})
+    assert answered.status_code == 200, answered.text
