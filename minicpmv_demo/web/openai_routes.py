@@ -92,7 +92,7 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str, alias
             exit_gate = await service.gate.enter()
         except Busy:
             return error_response(ApiError(503, "The server is busy. Please try again in a moment.", "server_busy"),
-                          headers={"Retry-After": str(RETRY_AFTER_S)})
+                                  headers={"Retry-After": str(RETRY_AFTER_S)})
         except ApiError as exc:
             return error_response(exc)
         try:
@@ -452,8 +452,8 @@ def _completion(completion_id: str, model: str, text: str, stream: ReplyStream, 
 def _usage(stream: ReplyStream) -> dict:
     """Tokens read (the encoded prompt, pictures' tokens included) and written (reasoning
     included, the stop token not) by one finished reply. A reply cut at a stop string counts
-    what was generated until the engine dropped it: the stop string and the few tokens (one
-    stream interval's) that came before the cut was seen."""
+    what was generated until the engine dropped it: the stop string, and the few tokens after it
+    made within one stream interval, before the cut was seen."""
     completion = stream.stats.tokens if stream.stats else 0
     return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": completion,
             "total_tokens": stream.prompt_tokens + completion}
