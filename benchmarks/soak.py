@@ -20,9 +20,11 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -223,7 +225,9 @@ def leaked(result: dict) -> bool:
 @contextmanager
 def launched_app(concurrency: int, tiny_model_dir: str = "",
                  extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
-    """The tiny-model app in its own process (so its memory and threads are its own), on loopback."""
+    """The tiny-model app in its own process (so its memory and threads are its own), on loopback,
+    with an upload folder of its own: Gradio names uploads by content, so apps sharing /tmp/gradio
+    (other test runs on the machine) delete each other's copies of the same picture on closing."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -232,7 +236,9 @@ def launched_app(concurrency: int, tiny_model_dir: str = "",
     if tiny_model_dir:
         command += ["--tiny-model-dir", tiny_model_dir]
     command += extra_args
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uploads = tempfile.mkdtemp(prefix="minicpmv-uploads-")
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "GRADIO_TEMP_DIR": uploads})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 300
@@ -248,6 +254,7 @@ def launched_app(concurrency: int, tiny_model_dir: str = "",
     finally:
         server.terminate()
         server.wait(30)
+        shutil.rmtree(uploads, ignore_errors=True)
 
 
 def main() -> int:
