@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -173,13 +174,17 @@ def send_case(battery: Battery, rng: random.Random, client: httpx.Client, url: s
     return name, battery.send(name, client, url)
 
 
-def run(url: str, scratch: Path, rounds: int = 2, key: str = "") -> dict:
-    """Every case `rounds` times, with the API key `key` (the app's --auth password) if any."""
+def run(url: str, scratch: Path, rounds: int = 2, key: str = "", pid: int = 0) -> dict:
+    """Every case `rounds` times, with the API key `key` (the app's --auth password) if any;
+    with the server's `pid`, its memory after each round (it must level off, not keep rising)."""
     battery = Battery(scratch)
     outcomes: Counter = Counter()
     bare: list[str] = []
+    memory: list[float] = []
     with httpx.Client(timeout=120, headers={"authorization": f"Bearer {key}"} if key else {}) as client:
         for round_ in range(rounds):
+            if pid:
+                memory.append(round(psutil.Process(pid).memory_info().rss / MB, 1))
             for name in battery.cases:
                 if name == LOGINS and round_ < rounds - 1:
                     continue  # once, at the very end (see Battery)
@@ -188,7 +193,7 @@ def run(url: str, scratch: Path, rounds: int = 2, key: str = "") -> dict:
                 if outcome in ("bare 500", "no answer"):
                     bare.append(f"{name}: {outcome}")
     return {"cases": len(battery.cases), "sent": sum(outcomes.values()), **outcomes, "failed cases": bare,
-            "pass": not bare}
+            **({"rss_mb_before_each_round": memory} if memory else {}), "pass": not bare}
 
 
 def main() -> int:
@@ -196,18 +201,19 @@ def main() -> int:
     parser.add_argument("--url", default="", help="a running app (loopback); default: launch one, open then "
                                                   "with --auth")
     parser.add_argument("--key", default="", help="the running app's API key, if it has --auth")
+    parser.add_argument("--rounds", type=int, default=2, help="times every case is sent")
     args = parser.parse_args()
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "minicpmv-hostile"
     print(f"# {datetime.date.today()} · {platform.platform()} · {os.cpu_count()} cores · tiny model, CPU", flush=True)
     if args.url:
-        results = {"given app": run(args.url, scratch, key=args.key)}
+        results = {"given app": run(args.url, scratch, args.rounds, key=args.key)}
     else:
         from soak import launched_app
 
         results = {}
         for name, auth in (("open", ()), ("with --auth", ("--auth", "ann:pw"))):
-            with launched_app(concurrency=16, extra_args=("--cache-size", "0", *auth)) as (url, _pid):
-                results[name] = run(url, scratch, key="pw" if auth else "")
+            with launched_app(concurrency=16, extra_args=("--cache-size", "0", *auth)) as (url, pid):
+                results[name] = run(url, scratch, args.rounds, key="pw" if auth else "", pid=pid)
     for name, result in results.items():
         print(f"{name}: {json.dumps(result)}", flush=True)
     return 0 if all(result["pass"] for result in results.values()) else 1
