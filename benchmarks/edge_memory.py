@@ -86,7 +86,7 @@ def bombs(count: int = 8) -> dict:
             answer = httpx.post(f"{url}v1/chat/completions", timeout=120, json={"max_tokens": 4, "messages": [
                 {"role": "user", "content": [{"type": "video_url", "video_url": {"url": video}},
                                              {"type": "text", "text": "What happens?"}]}]})
-            return f"{answer.status_code}: {answer.json()['error']['message'][:90]}" if answer.status_code != 200 \
+            return f"{answer.status_code}: {answer.json()['error']['message']}" if answer.status_code != 200 \
                 else "answered"
 
         def page(index: int) -> str:
@@ -96,7 +96,7 @@ def bombs(count: int = 8) -> dict:
                                 history=[], max_new_tokens=4, temperature=0.0, top_p=1.0, api_name="/chat")
                 return "answered"
             except Exception as exc:  # noqa: BLE001 - the refusal is the expected outcome
-                return f"refused: {str(exc)[:90]}"
+                return f"refused: {exc}"
             finally:
                 visitor.close()
 
