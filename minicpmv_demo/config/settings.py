@@ -7,6 +7,7 @@ with the variable `MINICPMV_FOO_BAR` (a flag given on the command line wins over
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -47,6 +48,12 @@ class Settings:
     backend_timeout: float = field(
         default=60.0, metadata={"help": "seconds the backend may take to connect, to start a reply, or "
                                         "between two pieces of it, before the user is told it failed"})
+    backend_reply_seconds: float = field(
+        default=600.0, metadata={"help": "most seconds one reply from the backend may take in all (a backend "
+                                         "that only sends keep-alives or never ends is cut off there)"})
+    show_backend_url: bool = field(
+        default=False, metadata={"help": "with --backend and no --auth, /health also names the backend's URL "
+                                         "(off: it says whether the backend is up, its kind and model only)"})
 
     max_batch: int = field(default=8, metadata={"help": "most requests decoded together in one batch"})
     concurrency: int = field(
@@ -122,6 +129,13 @@ class Settings:
     login_failures: int = field(
         default=5, metadata={"help": "failed logins (page or API key) one client address may make within "
                                      "60 s; its further attempts get HTTP 429 until they are older than that"})
+    trusted_proxy: str = field(
+        default="", metadata={"help": "address or network of the reverse proxy in front of the app (several "
+                                      "comma-separated, or '*'): only requests from it may name their client "
+                                      "with X-Forwarded-For; empty = the header is ignored"})
+    model_aliases: str = field(
+        default="", metadata={"help": "other model names the OpenAI routes answer to (comma-separated); "
+                                      "/v1/models lists them, any other name gets 404"})
     seed: int = field(default=0, metadata={"help": "seed for sampling (temperature > 0)"})
     torch_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch; 0 = auto (1 for the tiny model, whose "
@@ -133,6 +147,14 @@ class Settings:
         return max(self.max_file_mb, self.max_video_mb)
 
     @property
+    def trusted_proxies(self) -> tuple[str, ...]:
+        return _comma_list(self.trusted_proxy)
+
+    @property
+    def model_alias_names(self) -> tuple[str, ...]:
+        return _comma_list(self.model_aliases)
+
+    @property
     def auth_pair(self) -> tuple[str, str] | None:
         """`--auth user:password` as Gradio wants it, or None when the demo is open."""
         if not self.auth:
@@ -141,6 +163,10 @@ class Settings:
         if not sep or not user or not password:
             raise ValueError("--auth must look like user:password")
         return user, password
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _flag(name: str) -> str:
@@ -206,6 +232,19 @@ def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | 
     return settings
 
 
+def _proxy_problems(proxies: tuple[str, ...]) -> list[str]:
+    """Each --trusted-proxy entry must be an IP address, a network or '*': uvicorn, which reads
+    the list, would silently never match a misspelt one."""
+    for proxy in proxies:
+        if proxy == "*":
+            continue
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            return [f"--trusted-proxy must list IP addresses or networks (e.g. 10.0.0.2, 10.0.0.0/8), not {proxy!r}"]
+    return []
+
+
 def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     """Refuse settings that would only fail later, with the flag's name in the message."""
     problems = []
@@ -232,8 +271,9 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--max-body-mb must be positive")
     if settings.backend and not settings.backend.startswith(("http://", "https://")):
         problems.append("--backend must be an http:// or https:// URL")
-    if settings.backend_timeout <= 0:
-        problems.append("--backend-timeout must be positive")
+    if settings.backend_timeout <= 0 or not settings.backend_reply_seconds > 0:
+        problems.append("--backend-timeout and --backend-reply-seconds must be positive")
+    problems += _proxy_problems(settings.trusted_proxies)
     if settings.max_video_mb <= 0 or settings.max_video_seconds <= 0:
         problems.append("--max-video-mb and --max-video-seconds must be positive")
     from ..intake.conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries

@@ -65,7 +65,7 @@ def fit_for_stream(runner, conversation: Conversation, params: SamplingParams, c
     try:
         fitted = fit_to_context(runner, conversation, params.max_new_tokens, context)
     except ContextError as exc:
-        stream.fail(str(exc))
+        stream.fail(str(exc), refused=True)  # the request's own fault: an API answers 400
         return None
     dropped = fitted.dropped_exchanges
     if dropped:

@@ -17,7 +17,7 @@ import torch
 from ..system.gpu import peak_memory_mb, reset_peak_memory
 from .failures import user_message
 from .request import FinishReason
-from .sampling import sample_for
+from .sampling import row_generator, sample_for
 from .seen_tokens import SeenTokens
 
 if TYPE_CHECKING:
@@ -82,6 +82,7 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
     with torch.inference_mode():
         batch, logits = runner.prefill(prompts, [[] for _ in prompts])
         generator = torch.Generator(device=logits.device).manual_seed(seed)
+        own = [None if p.seed is None or p.greedy else row_generator(p.seed, logits.device) for p in params]
         alive = list(range(len(prompts)))
         counts = [0] * len(prompts)
         replies: list[list[int]] = [[] for _ in prompts]  # what a repetition penalty counts
@@ -90,7 +91,8 @@ def decode_batch(runner, prompts: list, params: list, seed: int,
             penalised = [(row, prompts[row].ids, replies[row]) if params[row].repetition_penalty != 1.0 else None
                          for row in alive]
             history = seen.lookup(penalised, logits) if any(penalised) else None
-            tokens = sample_for(logits, [params[i] for i in alive], generator, history).tokens
+            tokens = sample_for(logits, [params[i] for i in alive], generator, history,
+                                [own[i] for i in alive]).tokens
             yield list(zip(alive, tokens, strict=True))
             keep = []
             for position, (row, token) in enumerate(zip(alive, tokens, strict=True)):

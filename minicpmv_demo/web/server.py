@@ -81,12 +81,16 @@ class App:
             "favicon_path": str(FAVICON),
         }
         options.update(overrides)
+        # Gradio's uvicorn rewrites the client's address from X-Forwarded-For for the peers this
+        # variable names (127.0.0.1 unless set), before any middleware of ours runs: a client on
+        # this machine could pose as any address to the login throttle. Only --trusted-proxy may.
+        os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
         # Plain JSON twin of the page's gpu_memory API: what a front end reads when this app is
         # its backend. Under /v1/, so --auth's API key guards it like the chat route.
         launched[0].add_api_route("/v1/gpu_memory", self.gpu_memory, methods=["GET"])
-        add_openai_routes(launched[0], self.service, self.loaded.public_name)
+        add_openai_routes(launched[0], self.service, self.loaded.public_name, settings.model_alias_names)
         # Everything built so far (model, tokenizer, Gradio's app: millions of objects) lives as
         # long as the server. Frozen, the collector stops rescanning it: a full collection
         # during a burst of requests took ~300 ms on the tiny model and stalled every request.
@@ -98,8 +102,9 @@ class App:
     async def health(self) -> JSONResponse:
         """Plain HTTP, outside the queue and auth, for load balancers and uptime checks.
 
-        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo.
-        `async` on purpose: it reads counters only, so it answers on the event loop even while
+        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo,
+        except the backend's address (--show-backend-url), which tells a stranger where the
+        model server lies. `async` on purpose: it reads counters only, so it answers on the event loop even while
         every worker thread is busy.
         """
         state = self.engine.state()
@@ -110,7 +115,10 @@ class App:
                      "queue_depth": state.queue_depth, "batch_size": state.batch_size,
                      "engine_restarts": state.restarts}
             if state.backend is not None:
-                body["backend"] = asdict(state.backend)
+                backend = asdict(state.backend)
+                if not self.settings.show_backend_url:
+                    del backend["url"]
+                body["backend"] = backend
         return JSONResponse(body, status_code=200 if state.alive else 503)
 
     async def gpu_memory(self) -> JSONResponse:
@@ -170,6 +178,7 @@ def _remote_engine(settings: Settings) -> tuple[LoadedModel, RemoteEngine, Backe
     probe = BackendProbe(settings.backend, settings.backend_api_key, settings.backend_model,
                          interval_s=settings.panel_interval, timeout_s=min(5.0, settings.backend_timeout)).start()
     engine = RemoteEngine(probe, api_key=settings.backend_api_key, timeout_s=settings.backend_timeout,
+                          reply_seconds=settings.backend_reply_seconds,
                           max_batch=settings.concurrency)
     try:
         engine.start()
