@@ -64,6 +64,9 @@ MAX_CUES_PER_SECOND = 100
 # video, and decoding is CPU work on a server with few cores: more at once would only wait in
 # memory. (A reservation counts one video, not pixels.)
 VIDEO_DECODES = PixelBudget(2)
+# PyAV before 19 raises on container metadata that is not UTF-8 unless told to ignore it; 19
+# decodes it leniently by itself and no longer takes the option (Python 3.12 gets 19 from the lock).
+OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
 
 
 class VideoError(ValueError):
@@ -102,7 +105,7 @@ def prepare_video(path: str | os.PathLike, limits: VideoLimits, frames: int) -> 
     demuxer = _demuxer(path, name)
     _check_index_claims(path, name, demuxer, limits)
     with VIDEO_DECODES.reserve(1), _unreadable_as_video_error(name), \
-            av.open(str(path), format=demuxer, metadata_errors="ignore") as container:
+            av.open(str(path), format=demuxer, **OPEN_OPTIONS) as container:
         if not container.streams.video:
             raise VideoError(f"{name} has no video track.")
         stream = container.streams.video[0]
