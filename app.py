@@ -33,13 +33,14 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     configure_logging()
+    from minicpmv_demo.engine.start import EngineStartError
     from minicpmv_demo.model import ModelLoadError
     from minicpmv_demo.remote import BackendClientError
     from minicpmv_demo.web.server import build_app
 
     try:
         app = build_app(settings)
-    except (ModelLoadError, BackendClientError) as exc:
+    except (ModelLoadError, BackendClientError, EngineStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     app.launch(block=True)

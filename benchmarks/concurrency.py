@@ -8,6 +8,7 @@ gets alone (no cross-talk), and measures time to first token for a request that 
 4 others are mid-way through 256-token answers.
 
     python benchmarks/concurrency.py                      # tiny model on the CPU
+    python benchmarks/concurrency.py --model tiny-2.5 --tag cpu-tiny-v25   # the tiny MiniCPM-V 2.5
     python benchmarks/concurrency.py --model openbmb/MiniCPM-V-4.6 --dtype bfloat16 --users 1 8 32
 
 Prints a Markdown table, saves JSON and a PNG plot under benchmarks/results/.
@@ -34,9 +35,11 @@ from gradio_client.client import Job
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
 RESULTS = ROOT / "benchmarks" / "results"
+TINY_V25 = "tiny-2.5"
 # Questions whose greedy replies from the tiny model (random weights) run to the token limit
-# (checked up to 256 tokens): a reply that ends at an early EOS would make the run measure
-# per-request overhead instead of decoding. Re-check them when the tiny model's recipe changes.
+# (checked up to 256 tokens; the tiny 2.5's past 190): a reply that ends at an early EOS would
+# make the run measure per-request overhead instead of decoding. Re-check them when a tiny
+# model's recipe changes.
 PROMPTS = [
     ("Tell me about this image.", "scene.png"),
     ("Describe the chart.", "chart.png"),
@@ -64,6 +67,8 @@ class Server:
             command += ["--dtype", args.dtype]
         if args.quant:
             command += ["--quant", args.quant]
+        if args.torch_threads:
+            command += ["--torch-threads", str(args.torch_threads)]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)
@@ -203,15 +208,31 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[index]
 
 
+def served_model(model: str) -> str:
+    """What `--model` the app gets: "tiny-2.5" is the tiny MiniCPM-V 2.5 checkpoint's folder (built
+    first if missing); anything else as given."""
+    if model != TINY_V25:
+        return model
+    from minicpmv_demo.model.minicpmv2.tiny import ensure_tiny_v25
+
+    return str(ensure_tiny_v25())
+
+
 def token_counter(model: str):
-    """Count reply tokens with the served model's own tokenizer."""
+    """Count reply tokens with the served model's own tokenizer (2.5 / 2.6: read as the app reads it)."""
     from transformers import AutoTokenizer
+
+    from minicpmv_demo.model.minicpmv2 import checkpoint_version, load_tokenizer
 
     if model in ("tiny", "auto"):
         from minicpmv_demo.model.minicpmv4.tiny import ensure_tiny_model
 
         model = str(ensure_tiny_model())
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    try:
+        checkpoint_version(model)
+        tokenizer = load_tokenizer(model)
+    except (ValueError, OSError):  # not MiniCPM-V 2.x
+        tokenizer = AutoTokenizer.from_pretrained(model)
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -238,9 +259,12 @@ def plot(runs: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny", help=f"what app.py serves; '{TINY_V25}': the tiny MiniCPM-V 2.5")
     parser.add_argument("--dtype", default="")
     parser.add_argument("--quant", default="")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help=f"the app's --torch-threads (0: its auto; '{TINY_V25}' gets 1, as the app gives its "
+                             "built-in tiny model)")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--batched", type=int, default=8, help="--max-batch of the batched run")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -250,6 +274,9 @@ def main() -> int:
                         help="the app's budget of streamed updates per second (0 = none)")
     parser.add_argument("--tag", default="cpu-tiny", help="name of the result files")
     args = parser.parse_args()
+    if args.model == TINY_V25:
+        args.torch_threads = args.torch_threads or 1  # a toy model's ops are too small to split
+    args.model = served_model(args.model)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     count_tokens = token_counter(args.model)

@@ -21,13 +21,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from engine_bench import ROOT, say, synchronize
+
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def build_runner(args):
@@ -56,11 +53,6 @@ def running_batch(runner, path: str, size: int, prompt):
         batch = runner.new_slots(size + 1, prompt.length + 64, capture=path == "graphs")
         batch = runner.merge(batch, newcomer)
     return batch, logits.argmax(dim=-1)
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def profile(runner, path: str, size: int, prompt, steps: int, device: str) -> dict:

@@ -1,12 +1,15 @@
 """Soak test: many simulated users for a few minutes, loopback only, bounded in time and count.
 
-Users send a mix of valid requests, bad uploads, cancellations and abandoned streams. The report
+Users send a mix of valid requests, bad uploads, cancellations and abandoned streams, and with
+`--hostile` the cases of hostile.py through the OpenAI route (a 4xx with a message is a
+rejection; a 5xx or a dropped connection is lost). The report
 counts requests sent, completed, rejected with a clear message, cancelled, abandoned, and lost
 (anything else: must be 0), the p95 latency, and the server's memory and thread count before
 and after (they must not keep growing).
 
     python benchmarks/soak.py --users 64 --duration 180          # launches the tiny-model app
     python benchmarks/soak.py --url http://127.0.0.1:7860/ --pid 1234
+    python benchmarks/soak.py --users 8 --duration 600 --rounds 5000 --hostile
 
 Exits non-zero when a request was lost, the engine did not go idle, or threads grew per request.
 """
@@ -17,9 +20,11 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -31,6 +36,8 @@ from pathlib import Path
 import httpx
 import psutil
 from gradio_client import Client, handle_file
+
+from hostile import Battery, send_case
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets"
@@ -74,22 +81,29 @@ def message(rng: random.Random, files: list[str | Path]) -> dict:
     return {"text": rng.choice(PROMPTS), "files": [handle_file(str(f)) for f in files]}
 
 
-def user(index: int, url: str, deadline: float, report: Report, broken: list[Path]) -> None:
-    """One person with one browser session (its own client), asking until the time is up."""
+def user(index: int, url: str, deadline: float, rounds: int, report: Report, broken: list[Path],
+         hostile: Battery | None = None) -> None:
+    """One person with one browser session (its own client), asking `rounds` times or until the
+    time is up. Each user's requests are drawn from its own seed: with a fixed number of rounds
+    the mix is the same on any machine."""
     rng = random.Random(index)
     client = Client(url, verbose=False, ssl_verify=False)
     try:
-        ask_until(rng, url, client, deadline, report, broken)
+        ask_until(rng, url, client, deadline, rounds, report, broken, hostile)
     finally:
         client.close()
 
 
-def ask_until(rng: random.Random, url: str, client: Client, deadline: float, report: Report,
-              broken: list[Path]) -> None:
-    for _ in range(MAX_REQUESTS_PER_USER):
+def ask_until(rng: random.Random, url: str, client: Client, deadline: float, rounds: int, report: Report,
+              broken: list[Path], hostile: Battery | None = None) -> None:
+    for _ in range(rounds):
         if time.monotonic() >= deadline:
             return
-        kind = rng.choices(["valid", "bad", "cancel", "abandon"], weights=[60, 15, 15, 10])[0]
+        kind = rng.choices(["valid", "bad", "cancel", "abandon", "hostile"],
+                           weights=[60, 15, 15, 10, 15 if hostile else 0])[0]
+        if kind == "hostile":
+            send_hostile(hostile, rng, url, report)
+            continue
         files = [rng.choice(broken)] if kind == "bad" else [ASSETS / rng.choice(IMAGES)]
         kwargs = {"message": message(rng, files), "history": [], "max_new_tokens": rng.randint(8, 96),
                   "temperature": rng.choice([0.0, 0.7]), "top_p": 0.9, "api_name": "/chat"}
@@ -119,6 +133,19 @@ def ask_until(rng: random.Random, url: str, client: Client, deadline: float, rep
                 report.add("lost", detail=f"{kind}: {type(exc).__name__}: {text}")
 
 
+def send_hostile(battery: Battery, rng: random.Random, url: str, report: Report) -> None:
+    """One of hostile.py's cases: refused with a message, or answered; anything else is lost."""
+    started = time.monotonic()
+    with httpx.Client(timeout=120) as client:
+        name, outcome = send_case(battery, rng, client, url)
+    if outcome == "answered":
+        report.add("completed", time.monotonic() - started)
+    elif outcome == "refused":
+        report.add("rejected", time.monotonic() - started)
+    else:
+        report.add("lost", detail=f"hostile {name}: {outcome}")
+
+
 def abandon(url: str, kwargs: dict) -> None:
     """A tab closed mid-answer: its own client goes away without cancelling."""
     client = Client(url, verbose=False, ssl_verify=False)
@@ -135,8 +162,11 @@ def server_state(pid: int) -> dict:
     return {"rss_mb": round(process.memory_info().rss / 2**20, 1), "threads": process.num_threads()}
 
 
-def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
+def run(url: str, pid: int, users: int, duration: float, scratch: Path,
+        rounds: int = MAX_REQUESTS_PER_USER, hostile: bool = False) -> dict:
+    """Load the app for `duration` seconds, or until each user made `rounds` requests."""
     broken = bad_files(scratch)
+    battery = Battery(scratch / "hostile") if hostile else None
     client = Client(url, verbose=False, ssl_verify=False)
     client.predict(message=message(random.Random(0), [ASSETS / "scene.png"]), history=[], max_new_tokens=8,
                    temperature=0.0, top_p=1.0, api_name="/chat")  # warm-up
@@ -144,11 +174,12 @@ def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
     report = Report()
     deadline = time.monotonic() + duration
     client.close()
-    threads = [threading.Thread(target=user, args=(i, url, deadline, report, broken), daemon=True)
+    threads = [threading.Thread(target=user, args=(i, url, deadline, rounds, report, broken, battery), daemon=True)
                for i in range(users)]
     for thread in threads:
         thread.start()
-    memory = watch_memory(pid, deadline, duration / 4)
+    memory = watch_memory(pid, lambda: time.monotonic() >= deadline or not any(t.is_alive() for t in threads),
+                          min(duration / 4, 5.0))
     for thread in threads:
         thread.join(duration + 180)
     settled = wait_settled(url)
@@ -162,11 +193,13 @@ def run(url: str, pid: int, users: int, duration: float, scratch: Path) -> dict:
             "settled": settled, "lost_details": report.lost[:10]}
 
 
-def watch_memory(pid: int, deadline: float, every: float) -> list[float]:
-    """The server's memory at each quarter of the load: warm caches level off, a leak keeps rising."""
+def watch_memory(pid: int, done, every: float) -> list[float]:
+    """The server's memory every `every` seconds of the load, until `done()`: warm caches level
+    off, a leak keeps rising."""
     samples = []
-    while time.monotonic() < deadline:
-        time.sleep(min(every, max(0.0, deadline - time.monotonic())))
+    stop = threading.Event()
+    while not done():
+        stop.wait(every)
         samples.append(server_state(pid)["rss_mb"])
     return samples
 
@@ -192,7 +225,9 @@ def leaked(result: dict) -> bool:
 @contextmanager
 def launched_app(concurrency: int, tiny_model_dir: str = "",
                  extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, int]]:
-    """The tiny-model app in its own process (so its memory and threads are its own), on loopback."""
+    """The tiny-model app in its own process (so its memory and threads are its own), on loopback,
+    with an upload folder of its own: Gradio names uploads by content, so apps sharing /tmp/gradio
+    (other test runs on the machine) delete each other's copies of the same picture on closing."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -201,7 +236,9 @@ def launched_app(concurrency: int, tiny_model_dir: str = "",
     if tiny_model_dir:
         command += ["--tiny-model-dir", tiny_model_dir]
     command += extra_args
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uploads = tempfile.mkdtemp(prefix="minicpmv-uploads-")
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "GRADIO_TEMP_DIR": uploads})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 300
@@ -217,6 +254,7 @@ def launched_app(concurrency: int, tiny_model_dir: str = "",
     finally:
         server.terminate()
         server.wait(30)
+        shutil.rmtree(uploads, ignore_errors=True)
 
 
 def main() -> int:
@@ -225,14 +263,16 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of load (at most 900)")
     parser.add_argument("--url", default="", help="a running app (loopback); default: launch one")
     parser.add_argument("--pid", type=int, default=0, help="the running app's process id")
+    parser.add_argument("--rounds", type=int, default=MAX_REQUESTS_PER_USER, help="most requests per user")
+    parser.add_argument("--hostile", action="store_true", help="mix hostile.py's cases in (OpenAI route)")
     args = parser.parse_args()
     duration = min(args.duration, 900.0)
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "minicpmv-soak"
     if args.url:
-        print(json.dumps(run(args.url, args.pid, args.users, duration, scratch), indent=2))
+        print(json.dumps(run(args.url, args.pid, args.users, duration, scratch, args.rounds, args.hostile), indent=2))
         return 0
     with launched_app(args.users) as (url, pid):
-        result = run(url, pid, args.users, duration, scratch)
+        result = run(url, pid, args.users, duration, scratch, args.rounds, args.hostile)
     print(json.dumps(result, indent=2))
     return 0 if result["lost"] == 0 and result["settled"] and not leaked(result) else 1
 

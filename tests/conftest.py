@@ -21,7 +21,7 @@ from minicpmv_demo.intake.conversation import Conversation, Turn
 from minicpmv_demo.engine import Engine
 from minicpmv_demo.intake.images import prepare_image
 from minicpmv_demo.model import load_model
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
 from minicpmv_demo.config.settings import Settings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -64,14 +64,14 @@ def make_engine(loaded_tiny):
             engine.shutdown()
 
 
-class HeldRunner(NativeRunner):
+class HeldRunner(MiniCPMV4Runner):
     """The tiny model's runner, whose decode steps wait while `go` is clear.
 
     A test clears `go`, asks, reads the reply's first piece (the prefill's token), then sets
     `go`: the rest is made only after the first piece was seen, on a machine of any speed.
     """
 
-    def __init__(self, runner: NativeRunner) -> None:
+    def __init__(self, runner: MiniCPMV4Runner) -> None:
         super().__init__(runner.model, runner.processor, thinks_by_default=runner.thinks_by_default)
         self.go = threading.Event()
         self.go.set()
@@ -79,6 +79,48 @@ class HeldRunner(NativeRunner):
     def step(self, batch, tokens):
         self.go.wait(60)
         return super().step(batch, tokens)
+
+
+class OutOfMemoryModel:
+    """Wraps the tiny model and raises CUDA's out-of-memory error past a batch size or prompt
+    length, as a GPU would; everything else runs the real model."""
+
+    def __init__(self, real, max_rows: int, max_prompt: int = 10_000, phase: str = "both") -> None:
+        self.real, self.max_rows, self.max_prompt, self.phase = real, max_rows, max_prompt, phase
+        self.calls: list[tuple[int, int]] = []  # (rows, tokens per row) of every text-model call
+        self.vision_calls = 0
+        self.refusals = 0
+        self.model = _Guarded(self)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def check(self, input_ids) -> None:
+        rows, length = input_ids.shape
+        self.calls.append((rows, length))
+        if self.phase != "both" and self.phase != ("step" if length == 1 else "prefill"):
+            return
+        if rows > self.max_rows or length > self.max_prompt:
+            self.refusals += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class _Guarded:
+    """The wrapper's `.model`: checks each call, then runs the real text+vision stack."""
+
+    def __init__(self, owner: OutOfMemoryModel) -> None:
+        self.owner = owner
+
+    def __getattr__(self, name):
+        return getattr(self.owner.real.model, name)
+
+    def __call__(self, **inputs):
+        self.owner.check(inputs["input_ids"])
+        return self.owner.real.model(**inputs)
+
+    def get_image_features(self, *args, **kwargs):
+        self.owner.vision_calls += 1
+        return self.owner.real.model.get_image_features(*args, **kwargs)
 
 
 def launch_app(settings: Settings, loaded):

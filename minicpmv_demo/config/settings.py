@@ -7,6 +7,7 @@ with the variable `MINICPMV_FOO_BAR` (a flag given on the command line wins over
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -22,8 +23,10 @@ class Settings:
 
     model: str = field(
         default="auto",
-        metadata={"help": "hub id or local folder; 'auto' = openbmb/MiniCPM-V-4.6 on a CUDA GPU, "
-                          "else the built-in tiny test model; 'tiny' = always the tiny model"})
+        metadata={"help": "hub id or local folder of MiniCPM-V 4.6 / 4.7, 2.6 or 2.5 (e.g. "
+                          "openbmb/MiniCPM-Llama3-V-2_5-int4; all run by this project's own code, never the "
+                          "checkpoint's); 'auto' = openbmb/MiniCPM-V-4.6 on a CUDA GPU, else the built-in tiny "
+                          "test model; 'tiny' = always the tiny model"})
     quant: str = field(
         default="auto", metadata={"help": "auto|none|int4|int8 (int4 = bitsandbytes nf4, double quant)",
                                   "choices": ("auto", "none", "int4", "int8")})
@@ -33,9 +36,6 @@ class Settings:
     device_map: str = field(
         default="auto", metadata={"help": "'auto' spreads the model over all GPUs (accelerate); "
                                           "or cpu, cuda, cuda:1"})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "allow the legacy MiniCPM-V 2.5/2.6 checkpoints, which run "
-                                         "code downloaded with the model"})
     tiny_model_dir: str = field(
         default="", metadata={"help": "where the tiny model is built (default: ~/.cache/minicpmv-demo)"})
     backend: str = field(
@@ -48,6 +48,12 @@ class Settings:
     backend_timeout: float = field(
         default=60.0, metadata={"help": "seconds the backend may take to connect, to start a reply, or "
                                         "between two pieces of it, before the user is told it failed"})
+    backend_reply_seconds: float = field(
+        default=600.0, metadata={"help": "most seconds one reply from the backend may take in all (a backend "
+                                         "that only sends keep-alives or never ends is cut off there)"})
+    show_backend_url: bool = field(
+        default=False, metadata={"help": "with --backend and no --auth, /health also names the backend's URL "
+                                         "(off: it says whether the backend is up, its kind and model only)"})
 
     max_batch: int = field(default=8, metadata={"help": "most requests decoded together in one batch"})
     concurrency: int = field(
@@ -56,7 +62,8 @@ class Settings:
     queue_size: int = field(default=256, metadata={"help": "events allowed to wait; beyond it users "
                                                           "see 'busy, try again'"})
     gpu_memory_utilization: float = field(
-        default=0.9, metadata={"help": "share of GPU memory the engine may fill with caches"})
+        default=0.9, metadata={"help": "share of each GPU's memory this process may use: the weights, the "
+                                       "preallocated slots and what prefills take"})
     max_model_len: int = field(
         default=0, metadata={"help": "tokens one request may hold (prompt and reply); the engine preallocates "
                                      "this for each of --max-batch rows. 0 = auto: from the GPU memory budget "
@@ -128,6 +135,13 @@ class Settings:
     login_failures: int = field(
         default=5, metadata={"help": "failed logins (page or API key) one client address may make within "
                                      "60 s; its further attempts get HTTP 429 until they are older than that"})
+    trusted_proxy: str = field(
+        default="", metadata={"help": "address or network of the reverse proxy in front of the app (several "
+                                      "comma-separated, or '*'): only requests from it may name their client "
+                                      "with X-Forwarded-For; empty = the header is ignored"})
+    model_aliases: str = field(
+        default="", metadata={"help": "other model names the OpenAI routes answer to (comma-separated); "
+                                      "/v1/models lists them, any other name gets 404"})
     seed: int = field(default=0, metadata={"help": "seed for sampling (temperature > 0)"})
     torch_threads: int = field(
         default=0, metadata={"help": "CPU threads for torch; 0 = auto (1 for the tiny model, whose "
@@ -139,6 +153,14 @@ class Settings:
         return max(self.max_file_mb, self.max_video_mb)
 
     @property
+    def trusted_proxies(self) -> tuple[str, ...]:
+        return _comma_list(self.trusted_proxy)
+
+    @property
+    def model_alias_names(self) -> tuple[str, ...]:
+        return _comma_list(self.model_aliases)
+
+    @property
     def auth_pair(self) -> tuple[str, str] | None:
         """`--auth user:password` as Gradio wants it, or None when the demo is open."""
         if not self.auth:
@@ -147,6 +169,10 @@ class Settings:
         if not sep or not user or not password:
             raise ValueError("--auth must look like user:password")
         return user, password
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _flag(name: str) -> str:
@@ -212,6 +238,19 @@ def parse_settings(argv: Sequence[str] | None = None, environ: dict[str, str] | 
     return settings
 
 
+def _proxy_problems(proxies: tuple[str, ...]) -> list[str]:
+    """Each --trusted-proxy entry must be an IP address, a network or '*': uvicorn, which reads
+    the list, would silently never match a misspelt one."""
+    for proxy in proxies:
+        if proxy == "*":
+            continue
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            return [f"--trusted-proxy must list IP addresses or networks (e.g. 10.0.0.2, 10.0.0.0/8), not {proxy!r}"]
+    return []
+
+
 def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
     """Refuse settings that would only fail later, with the flag's name in the message."""
     problems = []
@@ -240,8 +279,9 @@ def _check(settings: Settings, parser: argparse.ArgumentParser) -> None:
         problems.append("--feedback-log-mb must be positive")
     if settings.backend and not settings.backend.startswith(("http://", "https://")):
         problems.append("--backend must be an http:// or https:// URL")
-    if settings.backend_timeout <= 0:
-        problems.append("--backend-timeout must be positive")
+    if settings.backend_timeout <= 0 or not settings.backend_reply_seconds > 0:
+        problems.append("--backend-timeout and --backend-reply-seconds must be positive")
+    problems += _proxy_problems(settings.trusted_proxies)
     if settings.max_video_mb <= 0 or settings.max_video_seconds <= 0:
         problems.append("--max-video-mb and --max-video-seconds must be positive")
     from ..intake.conversation import MAX_NUM_FRAMES  # here: `--help` stays free of the picture libraries

@@ -9,9 +9,11 @@ encoded once. (Dropping one exchange at a time and re-encoding the rest after ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ..intake.conversation import Conversation, Turn
+from .request import ReplyStream, SamplingParams
 
 # Most extra encodes when the measured turns turn out to be longer than counted (the template
 # adds a few tokens per message that a turn measured alone may not show).
@@ -53,6 +55,23 @@ def fit_to_context(runner, conversation: Conversation, max_new_tokens: int,
                            f"reads at most {context}). Please shorten it or use a smaller image.")
     return FittedPrompt(prompt=prompt, max_new_tokens=min(max_new_tokens, context - prompt.length),
                         dropped_exchanges=keep)
+
+
+def fit_for_stream(runner, conversation: Conversation, params: SamplingParams, context: int,
+                   stream: ReplyStream) -> tuple[Any, SamplingParams] | None:
+    """`fit_to_context` for one request: the prompt and its settings (max_new_tokens lowered to
+    what fits), with a notice on `stream` when exchanges were left out; None after failing
+    `stream` when even the newest message does not fit."""
+    try:
+        fitted = fit_to_context(runner, conversation, params.max_new_tokens, context)
+    except ContextError as exc:
+        stream.fail(str(exc), refused=True)  # the request's own fault: an API answers 400
+        return None
+    dropped = fitted.dropped_exchanges
+    if dropped:
+        stream.notices.append(f"The chat was too long for the model: the oldest {dropped} "
+                              f"exchange{'s' if dropped > 1 else ''} left out.")
+    return fitted.prompt, replace(params, max_new_tokens=fitted.max_new_tokens)
 
 
 def _first_kept_turn(runner, conversation: Conversation, budget: int) -> int:

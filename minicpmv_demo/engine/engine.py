@@ -1,143 +1,121 @@
 """The engine: one thread owns the model; every request is a row in its running batch.
 
 Gradio handlers call `submit()` and read the returned `ReplyStream`; they never touch the model.
-The engine thread loops: admit waiting requests (prefill them together, merge them into the batch),
-run one decode step for all rows, hand each row its token, and let finished or cancelled rows
-leave. A request that arrives mid-generation therefore starts at the next step instead of
-waiting for the others' long answers, and no two threads are ever inside the model (which
-bitsandbytes int4 and `generate()` do not survive).
+The engine thread loops: let the scheduler admit waiting requests (prefilled together and merged
+into the batch), run one decode step for all rows, hand each row its token, and let finished or
+cancelled rows leave. A request that arrives mid-generation therefore starts at the next step
+instead of waiting for the others' long answers, and no two threads are ever inside the model
+(which bitsandbytes int4 and `generate()` do not survive).
+
+Who runs next is the scheduler's (scheduler.py); what a running request holds and how it takes
+its tokens is the sequence's (sequence.py); the GPU work is the runner's (model/runner.py).
 
 Out of memory in a step halves the batch ceiling for a while and re-admits the rows from their
 text so far (the older half first); a request that cannot fit even alone gets a clear error.
-Any other failure fails only the requests in that batch; the loop goes on.
+Any other failure fails only the requests in that batch; the loop goes on (recovery.py).
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 
 import torch
 
 from ..intake.conversation import Conversation
-from ..system.gpu import peak_memory_mb, reset_peak_memory
-from ..system.lru import LruCache
-from .context import ContextError, fit_to_context
+from ..model.runner import BatchRunner
+from ..system.gpu import peak_memory_mb, reset_peak_memory, usable_bytes
+from .context import fit_for_stream
 from .contract import EngineState
 from .detokenizer import IncrementalDecoder
+from .failures import GPU_FAILED_MESSAGE, attempt, free_memory
 from .meter import TokenMeter
-from .reasoning_budget import ReasoningBudget, budget_for
-from .request import FinishReason, ReplyStats, ReplyStream, SamplingParams
-from .sampling import sample_for
-from .seen_tokens import SeenTokens
+from .one_call import BatchCall, serve_in_one_call
+from .reasoning_budget import budget_for
+from .recovery import Recovery
+from .reply_cache import ReplyCache
+from .request import FinishReason, ReplyStream, SamplingParams
+from .sampling import RowSampler, Sampled
+from .scheduler import PREFILL_PIECE_TOKENS, Scheduler
+from .sequence import Sequence
 from .slots import fill_holes
+from .start import allocate_slots
 
 log = logging.getLogger(__name__)
 
-# Most (padded) prompt tokens prefilled in one call: bounds the activation memory of a burst.
-PREFILL_TOKEN_BUDGET = 16384
-# A prompt longer than this, arriving while others generate, is prefilled this many tokens at a
-# time with a decode step for the others between pieces: a long chat then delays everyone else by
-# a piece's time (tens of ms), not by its whole prefill (0.75 s for 4k tokens of the tiny model
-# on one CPU core).
-PREFILL_PIECE_TOKENS = 256
-# After this many decode steps without running out of memory, the batch ceiling grows by one
-# again, so one oversized burst does not slow the demo down for good.
-STEPS_TO_RECOVER_CEILING = 64
 
-
-@dataclass
-class _Row:
-    """A request inside the engine: what it asked, and what it generated so far."""
-
-    stream: ReplyStream
-    prompt: object
-    params: SamplingParams
-    decoder: IncrementalDecoder
-    cache_key: str | None
-    generated: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    started_at: float = 0.0
-    largest_batch: int = 1
-    reserved_bytes: int = 0
-    reasoning: ReasoningBudget | None = None  # caps a thinking row's reasoning (reasoning_budget.py)
-
-
-@dataclass(frozen=True)
-class _CachedReply:
-    """A finished greedy reply, with what its stream said about it besides the text."""
-
-    text: str
-    thinking: bool
-    prompt_tokens: int
-    tokens: int
-
-
-class Engine:
+class Engine(Recovery):
     """Owns a model runner on one thread and serves every request through it."""
 
-    def __init__(self, runner, *, max_batch: int = 8, cache_size: int = 128,
-                 memory_budget_bytes: int | None = None, seed: int = 0, batch_call=None,
-                 max_thinking_tokens: int = 0, max_model_len: int = 0, enforce_eager: bool = False) -> None:
-        """`batch_call` (ZeroGPU only, see zerogpu.py) runs each batch to the end in one GPU call.
+    def __init__(self, runner: BatchRunner, *, max_batch: int = 8, cache_size: int = 128,
+                 gpu_memory_utilization: float = 0.9, headroom: Callable[[], int | None] | None = None,
+                 seed: int = 0, batch_call: BatchCall | None = None, max_thinking_tokens: int = 0,
+                 max_model_len: int = 0, enforce_eager: bool = False,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        """`batch_call` (ZeroGPU only, see one_call.py) runs each batch to the end in one GPU call.
         `max_thinking_tokens`: each reply's reasoning budget (0 = no cap; the app passes
         --max-thinking-tokens), see reasoning_budget.py.
 
-        Runners with preallocated slots (`new_slots`) get `max_batch` slots of `max_model_len`
-        tokens (0: sized from `memory_budget_bytes`), and, unless `enforce_eager`, captured
-        decode steps where the device allows; ZeroGPU keeps no state between calls, so no slots.
+        The runner gets `max_batch` preallocated slots of `max_model_len` tokens (0: sized
+        from the GPU memory free under `gpu_memory_utilization`), and, unless `enforce_eager`,
+        captured decode steps where the device allows; ZeroGPU keeps no state between calls, so
+        no slots. A prefill is admitted when its memory fits `headroom()` (default: measured on the
+        model's GPUs at each admission, less what the runner may still take; nothing on the CPU).
+        `on_fatal(reason)` is called when the device broke for good (the server exits for a restart).
         """
         self.runner = runner
         self.max_thinking_tokens = max_thinking_tokens
         self.batch_call = batch_call
-        self.max_batch = max_batch if runner.supports_batching else 1
-        self.ceiling = self.max_batch
-        self.memory_budget_bytes = memory_budget_bytes
+        self.max_batch = max_batch
         self.enforce_eager = enforce_eager
-        self._use_slots = hasattr(runner, "new_slots") and runner.supports_batching and batch_call is None
-        self.context_length = (runner.slot_length(self.max_batch, max_model_len, memory_budget_bytes)
+        self._use_slots = batch_call is None
+        self._utilization = gpu_memory_utilization
+        self.context_length = (self.runner.slot_length(self.max_batch, max_model_len, self._usable_bytes())
                                if self._use_slots else runner.context_length)
-        self.reply_cache: LruCache[_CachedReply] = LruCache(cache_size)  # greedy replies by chat and settings
+        self.scheduler = Scheduler(self.max_batch, runner.prefill_bytes if self._use_slots else None,
+                                   headroom or self.free_for_prefills,
+                                   on_cancelled=lambda sequence: self.finish(sequence, FinishReason.CANCELLED))
+        self.reply_cache = ReplyCache(cache_size)  # greedy replies by chat and settings
         self._token_texts: dict[int, str] = {}  # each token's text alone, for the rows' decoders
-        self._seed = seed
-        self._generator: torch.Generator | None = None
-        self._seen = SeenTokens()  # prompt and reply tokens of rows with a repetition penalty
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._waiting: deque[_Row] = deque()
-        self._rows: list[_Row] = []
+        self.seed = seed  # ZeroGPU's calls each sample afresh from the next seed
+        self.sampler = RowSampler(seed)
+        self.running: list[Sequence] = []  # the batch, row i in slot i
         self._batch = None
-        self._piecewise: tuple[_Row, object] | None = None  # a long prompt being prefilled in pieces
-        self._steps_since_oom = 0
+        self._piecewise: tuple[Sequence, object] | None = None  # a long prompt being prefilled in pieces
         self.meter = TokenMeter()  # tokens/s over the last seconds, for status panels
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._restart_lock = threading.Lock()
         self.restarts = 0
+        self.on_fatal = on_fatal
+        self.fatal: str | None = None  # why the engine stopped for good (a broken device)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Engine:
+        """Preallocate the slots (and capture decode steps), then start the engine thread.
+        Raises EngineStartError (one line saying what to lower) when the slots do not fit."""
         if self._use_slots and self._batch is None:
-            self._batch = self.runner.new_slots(self.max_batch, self.context_length, capture=not self.enforce_eager)
+            self._batch = allocate_slots(self.runner, self.max_batch, self.context_length,
+                                         capture=not self.enforce_eager, usable=self._usable_bytes())
+            room = self.free_for_prefills()
+            if room is not None:
+                log.info("after slots and captured steps, %.0f MB are free for prefills", room / 2**20)
         self._thread = threading.Thread(target=self._run, name="minicpmv-engine", daemon=True)
         self._thread.start()
         return self
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify_all()
+        self._stopping = True
+        self.scheduler.wake()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _restart_if_dead(self) -> None:
         """The loop survives model errors by itself; this covers anything that still kills it."""
         with self._restart_lock:  # several handlers may notice at once; one restart is enough
-            if self._thread is not None and not self._thread.is_alive() and not self._stopping:
+            if self._thread is not None and not self._thread.is_alive() and not self._stopping and not self.fatal:
                 log.error("engine thread was dead; starting a new one")
                 self.restarts += 1
                 self._fail_all("The model engine restarted; please try again.")
@@ -147,6 +125,18 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def _usable_bytes(self) -> int | None:
+        """GPU memory this process may still fill on the model's devices; None on the CPU."""
+        if not self._use_slots:
+            return None
+        free_memory()
+        return usable_bytes(self.runner.devices, self._utilization)
+
+    def free_for_prefills(self) -> int | None:
+        """What a prefill may take now: the usable memory less what the runner may still take."""
+        usable = usable_bytes(self.runner.devices, self._utilization) if self._use_slots else None
+        return None if usable is None else usable - self.runner.working_bytes(self.max_batch)
+
     # -- the handlers' side ------------------------------------------------------------------
     def submit(self, conversation: Conversation, params: SamplingParams) -> ReplyStream:
         """Queue a reply to `conversation`; returns at once with the stream it will arrive on.
@@ -155,42 +145,24 @@ class Engine:
         the engine thread spends its time in the model.
         """
         stream = ReplyStream()
-        key = self._cache_key(conversation, params)
-        cached = self.reply_cache.get(key) if key else None
-        if cached is not None:
-            stream.thinking, stream.prompt_tokens = cached.thinking, cached.prompt_tokens
-            stream.append(cached.text)
-            stream.finish(ReplyStats(tokens=cached.tokens, seconds=time.perf_counter() - stream.submitted_at,
-                                     batch_size=0, peak_memory_mb=None,
-                                     finish_reason=FinishReason.STOP, from_cache=True))
+        if self.fatal:  # the device broke: nothing can be answered until the process restarts
+            stream.fail(GPU_FAILED_MESSAGE)
             return stream
-        prompt, params = self._fit_context(conversation, params, stream)
-        if prompt is None:
+        key = self.reply_cache.key(conversation, params)
+        if self.reply_cache.answer(key, stream):
             return stream
+        fitted = fit_for_stream(self.runner, conversation, params, self.context_length, stream)
+        if fitted is None:
+            return stream
+        prompt, params = fitted
         self._restart_if_dead()
         stream.thinking, stream.prompt_tokens = prompt.thinking, prompt.length
         # Under ZeroGPU the GPU call decodes on its own: a forced token could not reach the model.
         budget = None if self.batch_call else budget_for(self.runner.reasoning_tags, self.max_thinking_tokens,
                                                          params.max_new_tokens, prompt.thinking)
-        row = _Row(stream=stream, prompt=prompt, params=params, reasoning=budget,
-                   decoder=IncrementalDecoder(self.runner.tokenizer, self._token_texts), cache_key=key)
-        with self._wake:
-            self._waiting.append(row)
-            self._wake.notify()
+        self.scheduler.add(Sequence(stream=stream, prompt=prompt, params=params, reasoning=budget, cache_key=key,
+                                    decoder=IncrementalDecoder(self.runner.tokenizer, self._token_texts)))
         return stream
-
-    def _fit_context(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream):
-        """Leave out the oldest exchanges until the chat fits the model's context, and say so."""
-        try:
-            fitted = fit_to_context(self.runner, conversation, params.max_new_tokens, self.context_length)
-        except ContextError as exc:
-            stream.fail(str(exc))
-            return None, params
-        dropped = fitted.dropped_exchanges
-        if dropped:
-            stream.notices.append(f"The chat was too long for the model: the oldest {dropped} "
-                                  f"exchange{'s' if dropped > 1 else ''} left out.")
-        return fitted.prompt, replace(params, max_new_tokens=fitted.max_new_tokens)
 
     @property
     def reads_video(self) -> bool:
@@ -200,266 +172,114 @@ class Engine:
     @property
     def active_rows(self) -> int:
         """Requests generating right now (a cheap read, safe from any thread)."""
-        return len(self._rows)
+        return len(self.running)
 
     def state(self) -> EngineState:
         """A cheap snapshot for status panels: never waits for the engine thread."""
-        return EngineState(alive=self.alive, queue_depth=len(self._waiting) + bool(self._piecewise),  # a prompt
-                           batch_size=self.active_rows, batch_ceiling=self.ceiling,  # in pieces waits too
+        return EngineState(alive=self.alive, queue_depth=self.scheduler.queue_depth + bool(self._piecewise),
+                           batch_size=self.active_rows, batch_ceiling=self.scheduler.ceiling,
                            max_batch=self.max_batch, tokens_per_s=self.meter.per_second(),
                            cache_hits=self.reply_cache.hits, restarts=self.restarts)
 
-    def _cache_key(self, conversation: Conversation, params: SamplingParams) -> str | None:
-        if not params.greedy or self.reply_cache.capacity <= 0:
-            return None
-        return f"{conversation.digest()}:{params.max_new_tokens}:{params.repetition_penalty}"
-
     # -- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:
-        """Serve until shutdown; an unexpected error fails the batch in hand, never the engine."""
+        """Serve until shutdown; an unexpected error fails the batch in hand, never the engine
+        (unless the device itself broke: see `_die`)."""
         while not self._stopping:
-            try:
-                self._serve()
-            except Exception:  # noqa: BLE001 - the loop must outlive any one batch
-                log.exception("engine loop failed; failing the current batch and carrying on")
-                self.restarts += 1
-                self._fail_all("The model failed while answering. Please try again.")
+            _, failure = attempt(self._serve)
+            if failure is not None:  # handled here, outside `except`: no traceback pins the batch
+                self._on_batch_failure(failure)
 
     def _serve(self) -> None:
         while not self._stopping:
-            with self._wake:
-                while not self._rows and not self._waiting and not self._piecewise and not self._stopping:
-                    self._wake.wait()
-            self._drop_cancelled_waiting()
+            self.scheduler.wait(idle=lambda: not self.running and not self._piecewise and not self._stopping)
+            self.scheduler.drop_cancelled()
             if self.batch_call is not None:
-                self._serve_in_one_call()
-            elif self.runner.supports_batching:
-                self._admit()
-                self._advance_piecewise()
-                if self._rows:
-                    self._step()
-            else:
-                self._serve_one_serially()
-
-    def _drop_cancelled_waiting(self) -> None:
-        """End waiting requests whose clients left, without waiting for a free slot: their
-        place in the line (and in the API's count of requests) goes to others now."""
-        with self._lock:
-            if not any(row.stream.cancelled for row in self._waiting):
-                return
-            cancelled = [row for row in self._waiting if row.stream.cancelled]
-            self._waiting = deque(row for row in self._waiting if not row.stream.cancelled)
-        for row in cancelled:
-            self._finish(row, FinishReason.CANCELLED)
-
-    def _next_waiting(self) -> _Row | None:
-        with self._lock:
-            while self._waiting:
-                row = self._waiting.popleft()
-                if not row.stream.cancelled:
-                    return row
-                self._finish(row, FinishReason.CANCELLED)
-            return None
+                serve_in_one_call(self, self.batch_call)
+                continue
+            self._admit()
+            self._advance_piecewise()
+            if self.running:
+                self._step()
 
     def _admit(self) -> None:
-        """Prefill the requests that are waiting, together, into the free batch slots."""
-        newcomers = self._take_newcomers()
-        if not newcomers:
+        """Prefill the requests the scheduler lets in, together, into free batch slots."""
+        piecewise = self._piecewise[0] if self._piecewise else None
+        admission = self.scheduler.schedule(self.running, piecewise, can_split=True)
+        if admission.piecewise is not None:
+            admission.piecewise.start()
+            self._piecewise = (admission.piecewise, self.runner.begin_prefill(
+                admission.piecewise.prompt, admission.piecewise.generated))
+        if not admission.newcomers:
             return
-        try:
-            prefilled = self._prefill(newcomers)
-        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the others
-            self._on_prefill_error(newcomers, exc)
+        prefilled, failure = attempt(lambda: self._prefill(admission.newcomers))
+        if failure is not None:  # one bad request must not stop the others
+            self._on_prefill_failure(admission.newcomers, failure)
             return
-        # Outside the try: rows already merged into the batch must never be prefilled again.
-        self._add_rows(newcomers, *prefilled)
+        # After the attempt: rows already merged into the batch must never be prefilled again.
+        self._add_rows(admission.newcomers, *prefilled)
 
-    def _take_newcomers(self) -> list[_Row]:
-        """Waiting rows for the free slots, while their memory and the prefill budget allow."""
-        newcomers: list[_Row] = []
-        width = 0  # the longest newcomer: every row of the prefill is padded to it
-        while len(self._rows) + len(newcomers) + bool(self._piecewise) < self.ceiling:
-            row = self._next_waiting()
-            if row is None:
-                break
-            row.reserved_bytes = self._reservation(row)
-            row_width = max(width, row.prompt.length + len(row.generated))
-            crowded = self._rows or newcomers
-            if crowded and row.prompt.length + len(row.generated) > PREFILL_PIECE_TOKENS \
-                    and hasattr(self.runner, "begin_prefill"):
-                if self._piecewise is not None or not self._fits(row.reserved_bytes, newcomers):
-                    self._requeue_front([row])
-                    break
-                self._piecewise = (row, self.runner.begin_prefill(row.prompt, row.generated))
-                continue
-            if crowded and (not self._fits(row.reserved_bytes, newcomers)
-                            or row_width * (len(newcomers) + 1) > PREFILL_TOKEN_BUDGET):
-                self._requeue_front([row])
-                break
-            width = row_width
-            newcomers.append(row)
-        return newcomers
-
-    def _prefill(self, newcomers: list[_Row]) -> tuple[object, torch.Tensor]:
+    def _prefill(self, newcomers: list[Sequence]) -> tuple[object, torch.Tensor]:
         now = time.perf_counter()
-        for row in newcomers:
-            row.started_at = row.started_at or now
-        return self.runner.prefill([r.prompt for r in newcomers], [r.generated for r in newcomers])
+        for sequence in newcomers:
+            sequence.start(now)
+        return self.runner.prefill([s.prompt for s in newcomers], [s.generated for s in newcomers])
 
     def _advance_piecewise(self) -> None:
         """Prefill the next piece of the long prompt in hand; it joins the batch after its last."""
         if self._piecewise is None:
             return
-        row, partial = self._piecewise
-        if row.stream.cancelled:
+        sequence, partial = self._piecewise
+        if sequence.cancelled:
             self._piecewise = None
-            self._finish(row, FinishReason.CANCELLED)
+            self.finish(sequence, FinishReason.CANCELLED)
             return
-        row.started_at = row.started_at or time.perf_counter()
-        try:
-            done = self.runner.prefill_some(partial, PREFILL_PIECE_TOKENS)
-            if done is not None:
-                self._piecewise = None
-                self._add_rows([row], *done)
-        except Exception as exc:  # noqa: BLE001 - handled as any prefill of one request
+        done, failure = attempt(lambda: self.runner.prefill_some(partial, PREFILL_PIECE_TOKENS))
+        if failure is not None:  # handled as any prefill of one request
             self._piecewise = None
-            self._on_prefill_error([row], exc)
+            self._on_prefill_failure([sequence], failure)
+        elif done is not None:
+            self._piecewise = None
+            self._add_rows([sequence], *done)
 
-    def _add_rows(self, newcomers: list[_Row], batch, logits: torch.Tensor) -> None:
+    def _add_rows(self, newcomers: list[Sequence], batch, logits: torch.Tensor) -> None:
         """Prefilled rows join the running batch with their first token."""
         self._batch = self.runner.merge(self._batch, batch)
-        self._rows.extend(newcomers)
-        self._take_tokens(newcomers, logits)
-        self._mark_batch_size()
+        self.running.extend(newcomers)
+        for sequence in self.running:
+            sequence.largest_batch = max(sequence.largest_batch, len(self.running))
+        sampled, failure = attempt(lambda: self.sampler.sample(newcomers, logits))
+        if failure is not None:
+            self._on_batch_failure(failure)
+            return
+        self._give_tokens(newcomers, sampled)
         self._release_finished()
 
     def _step(self) -> None:
-        tokens = torch.tensor([row.generated[-1] for row in self._rows])
-        try:
-            logits = self.runner.step(self._batch, tokens)
-        except Exception as exc:  # noqa: BLE001
-            if not _is_out_of_memory(exc):
-                raise
-            self._on_step_out_of_memory()
+        """One decode step for every row, and each row's next token (sampling runs out of memory
+        like the step itself: on a full GPU its [B, V] temporaries are the last straw)."""
+        tokens = torch.tensor([sequence.generated[-1] for sequence in self.running])
+        sampled, failure = attempt(lambda: self.sampler.sample(self.running,
+                                                               self.runner.step(self._batch, tokens)))
+        if failure is not None:
+            self._on_batch_failure(failure)
             return
-        self._steps_since_oom += 1
-        if self._steps_since_oom >= STEPS_TO_RECOVER_CEILING and self.ceiling < self.max_batch:
-            self.ceiling += 1
-            self._steps_since_oom = 0
-        self._take_tokens(self._rows, logits)
+        self.scheduler.after_step()
+        self._give_tokens(self.running, sampled)
         self._release_finished()
 
-    def _serve_one_serially(self) -> None:
-        """Runners without batching (legacy remote-code `chat()` models): one request at a time."""
-        row = self._next_waiting()
-        if row is None:
-            return
-        row.started_at = time.perf_counter()
-        self._rows = [row]
-        try:
-            for piece in self.runner.stream(row.prompt, row.params, lambda: row.stream.cancelled):
-                row.generated.append(0)  # chat() yields text pieces, not ids: count them as tokens
-                row.stream.append(piece)
-                self.meter.count(1)
-            reason = FinishReason.CANCELLED if row.stream.cancelled else FinishReason.STOP
-            self._finish(row, reason)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(row, _user_message(exc))
-        finally:
-            self._rows = []
-            self._after_idle()
-
-    def _serve_in_one_call(self) -> None:
-        """ZeroGPU: the requests waiting now are prefilled and decoded together in one GPU call."""
-        rows = []
-        while len(rows) < self.max_batch and (row := self._next_waiting()) is not None:
-            rows.append(row)
-        if not rows:
-            return
-        started = time.perf_counter()
-        for row in rows:
-            row.started_at, row.largest_batch = started, len(rows)
-        self._rows = rows
-        self._seed += 1  # each call samples afresh
-        events = self.batch_call(self.runner, [r.prompt for r in rows], [r.params for r in rows], self._seed,
-                                 self.runner.stop_token_ids)
-        peak = None
-        try:
-            for event in events:
-                if isinstance(event, dict):
-                    peak = event.get("peak_memory_mb")
-                    continue
-                given = [(rows[index], token) for index, token in event
-                         if rows[index].finish_reason is None and not rows[index].stream.cancelled]
-                for row, token in given:
-                    self._give(row, token)
-                self.meter.count(sum(token is not None for _, token in given))
-        except Exception as exc:  # noqa: BLE001 - the call's rows fail, the engine goes on
-            log.warning("GPU call failed: %r", exc)
-            for row in rows:
-                if row.finish_reason is None:
-                    self._fail(row, _user_message(exc))
-        finally:
-            getattr(events, "close", lambda: None)()
-            self._rows = []
-        for row in rows:
-            if row.finish_reason != FinishReason.ERROR:
-                reason = FinishReason.CANCELLED if row.stream.cancelled else row.finish_reason or FinishReason.LENGTH
-                self._finish(row, reason, peak)
-
     # -- per-token bookkeeping -----------------------------------------------------------------
-    def _take_tokens(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Give each row its sampled token; a row that cannot go on fails alone.
-
-        Whatever goes wrong for one row (unusable logits, a token its decoder cannot take)
-        ends that row with a message; the other rows' tokens of this step stand.
-        """
-        if self._generator is None or self._generator.device != logits.device:
-            self._generator = torch.Generator(device=logits.device).manual_seed(self._seed)
-        sampled = sample_for(logits, [r.params for r in rows], self._generator, self._seen_tokens(rows, logits))
-        for row, token in zip(rows, sampled.tokens, strict=True):
-            self._give(row, token)
+    def _give_tokens(self, rows: list[Sequence], sampled: Sampled) -> None:
+        """Give each row its sampled token; a row that cannot go on fails alone."""
+        for sequence, token in zip(rows, sampled.tokens, strict=True):
+            self.give(sequence, token)
         self.meter.count(len(rows) - len(sampled.failed_rows))  # once per step, not per row
 
-    def _seen_tokens(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor | None:
-        """What each row has seen so far, for the repetition penalty; None when no row has one."""
-        if all(row.params.repetition_penalty == 1.0 for row in rows):
-            return None
-        return self._seen.lookup([(row, row.prompt.ids, row.generated) if row.params.repetition_penalty != 1.0
-                                  else None for row in rows], logits)
-
-    def _give(self, row: _Row, token: int | None) -> None:
+    def give(self, sequence: Sequence, token: int | None) -> None:
         """One row's token of a step (None: its logits were unusable); its faults stay its own."""
-        if token is None:
-            log.warning("a row's logits were not usable (NaN or inf); failing that request alone")
-            self._fail(row, INVALID_OUTPUT_MESSAGE)
-            return
-        try:
-            self._accept(row, token)
-        except Exception:  # noqa: BLE001 - one row's fault must not end the others
-            log.exception("a row failed while taking its token; failing that request alone")
-            self._fail(row, "The model could not answer this request. Please try again.")
-
-    def _accept(self, row: _Row, token: int) -> None:
-        """Hand `token` to `row`; a stop token ends the row without counting as generated text.
-
-        (The step's tokens are counted for the meter once per step by the caller.)
-        """
-        if row.reasoning is not None:  # before the stop check: a spent budget closes, never ends, the reasoning
-            token, notice = row.reasoning.steer(token)
-            if notice:
-                row.stream.notices.append(notice)
-        if token in self.runner.stop_token_ids:
-            row.finish_reason = FinishReason.STOP
-            return
-        row.generated.append(token)
-        row.stream.append(row.decoder.push(token))
-        if len(row.generated) >= row.params.max_new_tokens:
-            row.finish_reason = FinishReason.LENGTH
-
-    def _mark_batch_size(self) -> None:
-        for row in self._rows:
-            row.largest_batch = max(row.largest_batch, len(self._rows))
+        sequence.take(token, self.runner.stop_token_ids)
+        if sequence.stream.done:  # it failed: its penalty history goes now
+            self.sampler.release(sequence)
 
     def _release_finished(self) -> None:
         """Let finished and cancelled rows leave the batch; each hole takes the last row.
@@ -467,134 +287,32 @@ class Engine:
         Rows leave the batch before their replies end: whoever waits on an ending reply (the
         admission gate hands its place to the next request) finds the batch without it.
         """
-        alive = []
-        for index, row in enumerate(self._rows):
-            if row.finish_reason is None and row.stream.cancelled:
-                row.finish_reason = FinishReason.CANCELLED
-            if row.finish_reason is None:
-                alive.append(index)
-        if len(alive) == len(self._rows):
+        for sequence in self.running:
+            sequence.mark_cancelled()
+        alive = [index for index, sequence in enumerate(self.running) if sequence.finish_reason is None]
+        if len(alive) == len(self.running):
             return
         keep = fill_holes(alive)
-        leaving = [row for row in self._rows if row.finish_reason is not None]
+        leaving = [sequence for sequence in self.running if sequence.finish_reason is not None]
         self._batch = self.runner.select(self._batch, keep)
-        self._rows = [self._rows[i] for i in keep]
-        for row in leaving:
-            if row.finish_reason != FinishReason.ERROR:  # a failed row's stream has ended already
-                self._finish(row, row.finish_reason)
-        if not self._rows:
-            self._after_idle()
+        self.running = [self.running[i] for i in keep]
+        for sequence in leaving:
+            if sequence.finish_reason != FinishReason.ERROR:  # a failed row's stream has ended already
+                self.finish(sequence, sequence.finish_reason)
+        if not self.running:
+            self.reset_peak()
 
-    def _finish(self, row: _Row, reason: FinishReason, peak_mb: float | None = None) -> None:
-        self._seen.release(row)
-        seconds = time.perf_counter() - row.started_at if row.started_at else 0.0
-        peak = peak_mb if peak_mb is not None else peak_memory_mb()
-        row.stream.finish(ReplyStats(tokens=len(row.generated), seconds=seconds, batch_size=row.largest_batch,
-                                     peak_memory_mb=peak, finish_reason=reason))
-        if row.cache_key and reason in (FinishReason.STOP, FinishReason.LENGTH):
-            self.reply_cache.put(row.cache_key, _CachedReply(row.stream.text, row.stream.thinking,
-                                                             row.stream.prompt_tokens, len(row.generated)))
+    def finish(self, sequence: Sequence, reason: FinishReason, peak_mb: float | None = None) -> None:
+        """End `sequence`'s reply with its stats; a whole greedy reply goes to the reply cache."""
+        self.sampler.release(sequence)
+        sequence.finish(reason, peak_mb if peak_mb is not None else peak_memory_mb())
+        self.reply_cache.remember(sequence, reason)
 
-    def _fail(self, row: _Row, message: str) -> None:
-        """End `row` with a message for its user; it leaves the batch at the next release."""
-        row.finish_reason = FinishReason.ERROR
-        self._seen.release(row)
-        row.stream.fail(message)
+    def fail(self, sequence: Sequence, message: str) -> None:
+        """End `sequence` with a message for its user; it leaves the batch at the next release."""
+        self.sampler.release(sequence)
+        sequence.fail(message)
 
-    def _fail_all(self, message: str) -> None:
-        piecewise = [self._piecewise[0]] if self._piecewise else []
-        for row in [*self._rows, *piecewise]:
-            self._fail(row, message)
-        self._rows, self._batch, self._piecewise = [], self._emptied_batch(), None
-        self._after_idle()
-
-    def _emptied_batch(self):
-        """No rows left: preallocated slots are cleared and kept (their captured graphs too)."""
-        empty = getattr(self.runner, "empty", None)
-        return empty(self._batch) if empty is not None else None
-
-    def _after_idle(self) -> None:
+    def reset_peak(self) -> None:
         """The batch emptied: start the next batch's peak-memory measurement afresh."""
         reset_peak_memory()
-
-    # -- memory ----------------------------------------------------------------------------------
-    def _reservation(self, row: _Row) -> int:
-        estimate = getattr(self.runner, "cache_bytes", None)
-        if estimate is None:
-            return 0
-        return estimate(row.prompt.length + row.params.max_new_tokens)
-
-    def _fits(self, extra_bytes: int, newcomers: list[_Row]) -> bool:
-        if self.memory_budget_bytes is None:
-            return True
-        piecewise = [self._piecewise[0]] if self._piecewise else []
-        used = sum(row.reserved_bytes for row in (*self._rows, *newcomers, *piecewise))
-        return used + extra_bytes <= self.memory_budget_bytes
-
-    def _requeue_front(self, rows: list[_Row]) -> None:
-        with self._lock:
-            self._waiting.extendleft(reversed(rows))
-
-    def _on_prefill_error(self, newcomers: list[_Row], exc: Exception) -> None:
-        _free_memory()
-        if _is_out_of_memory(exc) and (self._rows or len(newcomers) > 1):
-            # Too much at once: admit fewer (and wait for running rows to finish first).
-            self.ceiling = max(1, len(self._rows) + len(newcomers) // 2)
-            self._steps_since_oom = 0
-            self._requeue_front(newcomers)
-            log.warning("out of memory admitting %d request(s); batch ceiling now %d", len(newcomers),
-                        self.ceiling)
-            return
-        if len(newcomers) > 1:
-            # Find the request that broke the prefill: each alone, the others still get served.
-            for row in newcomers:
-                try:
-                    prefilled = self._prefill([row])
-                except Exception as solo_exc:  # noqa: BLE001
-                    self._on_prefill_error([row], solo_exc)
-                    continue
-                self._add_rows([row], *prefilled)
-            return
-        log.warning("request failed in prefill: %r", exc)
-        self._fail(newcomers[0], _user_message(exc))
-
-    def _on_step_out_of_memory(self) -> None:
-        """Halve the batch ceiling and re-admit every row from its text so far.
-
-        A step that ran out of memory may have updated some layers' caches and not others, so
-        no row's cache is trusted: each row is re-prefilled from its prompt plus the tokens it
-        already streamed, which continues it exactly where it was.
-        """
-        rows, self._rows, self._batch = self._rows, [], self._emptied_batch()
-        _free_memory()
-        if len(rows) == 1:
-            self._fail(rows[0], TOO_LARGE_MESSAGE)
-            self._after_idle()
-            return
-        self.ceiling = max(1, len(rows) // 2)
-        self._steps_since_oom = 0
-        self._requeue_front(rows)
-        log.warning("out of memory in a batch of %d: re-admitting them; batch ceiling now %d",
-                    len(rows), self.ceiling)
-
-
-INVALID_OUTPUT_MESSAGE = ("The model produced invalid numbers for this request, so it was stopped. "
-                          "Please try again, perhaps with a lower temperature.")
-TOO_LARGE_MESSAGE = ("This request does not fit in the GPU memory, even alone. Try fewer or smaller "
-                     "images, a shorter chat, or fewer new tokens.")
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _user_message(exc: BaseException) -> str:
-    if _is_out_of_memory(exc):
-        return TOO_LARGE_MESSAGE
-    return f"The model could not answer this request ({type(exc).__name__}). Please try again."
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

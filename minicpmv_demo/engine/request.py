@@ -17,6 +17,8 @@ from enum import Enum
 # The widest sampling settings the engine takes (OpenAI's range for temperature).
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 2.0
+# What a torch generator takes as a seed (and vLLM as a request's): a 64-bit whole number.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 means off: every token may be drawn
     repetition_penalty: float = 1.0  # 1 means off; above 1 makes tokens already in the row rarer
+    # A request's own seed: its draws come from a generator of its own, so the same seed gives the
+    # same sampled reply whatever else is in the batch. None: the engine's shared generator.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -46,6 +51,9 @@ class SamplingParams:
         if not _number_within(self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY) or self.repetition_penalty == 0:
             raise ValueError(f"repetition_penalty must be a number above 0 and at most "
                              f"{MAX_REPETITION_PENALTY:g}, not {self.repetition_penalty!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not MIN_SEED <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be a whole number from {MIN_SEED} to {MAX_SEED}, not {self.seed!r}.")
 
     @property
     def greedy(self) -> bool:
@@ -81,7 +89,15 @@ class ReplyStats:
 
 
 class ReplyError(RuntimeError):
-    """The engine could not produce this reply; the message is meant for the user."""
+    """The engine could not produce this reply; the message is meant for the user.
+
+    `refused`: the request itself cannot be answered (a prompt longer than the context, a
+    backend's 4xx), so trying again unchanged will not help: an API answers it with a 400.
+    """
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ReplyStream:
@@ -98,6 +114,7 @@ class ReplyStream:
         self._text = ""
         self._stats: ReplyStats | None = None
         self._error: str | None = None
+        self.refused = False  # the failure is the request's own (see ReplyError)
         self._cancelled = threading.Event()
         self._ended = threading.Event()  # set with the stats or the error; wakes a coalescing reader
         self._end_callbacks: list[Callable[[], None]] = []
@@ -126,9 +143,10 @@ class ReplyStream:
             self._changed.notify_all()
         self._run_end_callbacks()
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, refused: bool = False) -> None:
+        """End with `message` for the user; `refused` when the request itself is at fault."""
         with self._changed:
-            self._error = message
+            self._error, self.refused = message, refused
             self._ended.set()
             self._changed.notify_all()
         self._run_end_callbacks()
@@ -173,6 +191,11 @@ class ReplyStream:
     def stats(self) -> ReplyStats | None:
         return self._stats
 
+    @property
+    def error(self) -> str | None:
+        """The failure's message for the user; None unless the reply failed."""
+        return self._error
+
     def updates(self, interval: float | Callable[[], float] = 0.0) -> Iterator[str]:
         """Yield the accumulated text each time it grew; raise ReplyError if the engine failed it.
 
@@ -187,7 +210,7 @@ class ReplyStream:
                 sent = text
                 yield text
             if error is not None:
-                raise ReplyError(error)
+                raise ReplyError(error, self.refused)
             if done:
                 return
             pause = interval() if callable(interval) else interval
@@ -200,5 +223,5 @@ class ReplyStream:
         if not self.wait(timeout):
             raise TimeoutError("reply not finished in time")
         if self._error is not None:
-            raise ReplyError(self._error)
+            raise ReplyError(self._error, self.refused)
         return self._text

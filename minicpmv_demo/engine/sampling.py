@@ -11,15 +11,21 @@ a CUDA batch never copies probabilities to the CPU, and the only device-to-host 
 the chosen ids (with each row's validity). A row whose logits are unusable (NaN, +inf, all
 -inf) is reported as such instead of raising, so the engine can fail that row alone while the
 other rows' tokens of the same step stand.
+
+A request with its own seed draws from a generator of its own (one row of noise per step, the
+same whatever the batch holds), so the same seed gives the same sampled reply alone or batched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from .request import SamplingParams
+from .seen_tokens import SeenTokens
 
 
 @dataclass(frozen=True)
@@ -59,26 +65,29 @@ class RowSettings:
 
 
 def sample_for(logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator | None = None,
-               seen: torch.Tensor | None = None) -> Sampled:
+               seen: torch.Tensor | None = None,
+               own: Sequence[torch.Generator | None] | None = None) -> Sampled:
     """Next token per row of `logits` [B, V] with row i's `params[i]`.
 
     `seen` [B, V] (bool) marks the tokens row i already holds in its prompt and reply, which a
     repetition penalty makes rarer; it may be None when no row has a penalty (see SeenTokens).
+    `own[i]`: row i's own generator (a request with a seed), or None for the shared `generator`.
     """
     usable = _usable_rows(logits)
     penalised = seen is not None and any(p.repetition_penalty != 1.0 for p in params)
     if all(p.greedy for p in params) and not penalised:  # the common API case: no per-row tensors
         tokens = logits.argmax(dim=-1)
     else:
-        tokens, valid = sample_next_tokens(logits, RowSettings.of(params, logits.device), generator, seen, usable)
+        tokens, valid = sample_next_tokens(logits, RowSettings.of(params, logits.device), generator, seen, usable,
+                                           own)
         usable &= valid
     chosen, ok = torch.stack([tokens, usable.long()]).tolist()  # the step's one device-to-host copy
     return Sampled([token if good else None for token, good in zip(chosen, ok, strict=True)])
 
 
 def sample_next_tokens(logits: torch.Tensor, settings: RowSettings, generator: torch.Generator | None = None,
-                       seen: torch.Tensor | None = None,
-                       usable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       seen: torch.Tensor | None = None, usable: torch.Tensor | None = None,
+                       own: Sequence[torch.Generator | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of `logits` [B, V]: argmax where temperature is 0, else a draw.
 
     Returns the tokens and which rows' distributions were valid, both on the logits' device.
@@ -86,6 +95,7 @@ def sample_next_tokens(logits: torch.Tensor, settings: RowSettings, generator: t
     exponential race (argmax of p / Exp(1) noise picks token i with probability p_i), which
     never raises or syncs on a bad row the way `torch.multinomial` does. `usable`: the rows
     `_usable_rows` finds, when the caller has them already (a pass over the whole vocabulary).
+    `own`: per-row generators that replace the shared one for their rows (see `sample_for`).
     """
     usable = _usable_rows(logits) if usable is None else usable
     scores = torch.where(usable[:, None], logits, torch.zeros_like(logits))
@@ -99,6 +109,9 @@ def sample_next_tokens(logits: torch.Tensor, settings: RowSettings, generator: t
     probs = torch.softmax(scores, dim=-1)
     valid = torch.isfinite(probs).all(dim=-1) | ~sampled_rows
     noise = torch.empty_like(probs).exponential_(generator=generator)
+    for row, row_generator in enumerate(own or ()):
+        if row_generator is not None:
+            noise[row].exponential_(generator=row_generator)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(sampled_rows, sampled, greedy), valid
 
@@ -144,3 +157,61 @@ def warp(scores: torch.Tensor, settings: RowSettings) -> torch.Tensor:
 def _usable_rows(logits: torch.Tensor) -> torch.Tensor:
     """Rows [B] with no NaN or +inf and at least one finite score (bool, on the logits' device)."""
     return ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) & torch.isfinite(logits).any(dim=-1)
+
+
+class RowSampler:
+    """Draws the running requests' next tokens: one generator for the batch, seeded once (per
+    device), and the repetition penalty's record of what each request has seen."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._seen = SeenTokens()
+        self._own: dict[Drawing, torch.Generator] = {}  # the generators of requests with a seed
+
+    def sample(self, rows: Sequence[Drawing], logits: torch.Tensor) -> Sampled:
+        """Each row's token from its logits [B, V] with its own settings (None: unusable logits)."""
+        if self._generator is None or self._generator.device != logits.device:
+            self._generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        own = [self._own_generator(row, logits.device) for row in rows]
+        return sample_for(logits, [row.params for row in rows], self._generator, self._seen_tokens(rows, logits),
+                          own if any(own) else None)
+
+    def release(self, row: Drawing) -> None:
+        """Forget what `row` has seen and its generator (its reply ended)."""
+        self._seen.release(row)
+        self._own.pop(row, None)
+
+    def _own_generator(self, row: Drawing, device: torch.device) -> torch.Generator | None:
+        """A sampled request's own generator, made at its first draw (kept when it is re-admitted
+        after running out of memory, so it goes on where it was)."""
+        if row.params.seed is None or row.params.greedy:
+            return None
+        if row not in self._own:
+            self._own[row] = row_generator(row.params.seed, device)
+        return self._own[row]
+
+    @property
+    def held(self) -> int:
+        """Requests whose seen tokens are kept (those with a repetition penalty, until they end)."""
+        return self._seen.held
+
+    def _seen_tokens(self, rows: Sequence[Drawing], logits: torch.Tensor) -> torch.Tensor | None:
+        """What each row has seen so far, for the repetition penalty; None when no row has one."""
+        if all(row.params.repetition_penalty == 1.0 for row in rows):
+            return None
+        return self._seen.lookup([(row, row.prompt.ids, row.generated) if row.params.repetition_penalty != 1.0
+                                  else None for row in rows], logits)
+
+
+def row_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A request's own generator on `device`."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class Drawing(Protocol):
+    """A request as the sampler sees it (`engine.sequence.Sequence`)."""
+
+    params: SamplingParams
+    prompt: Any  # with `.ids`, the prompt's token ids
+    generated: list[int]

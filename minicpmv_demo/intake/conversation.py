@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .images import PreparedImage
-from .videos import PreparedVideo
+
+if TYPE_CHECKING:  # videos.py imports PyAV: the engine must import where it is missing (a bare GPU box)
+    from .videos import PreparedVideo
 
 # The widest choices a request may make about how its prompt is built (the engine's door).
 DOWNSAMPLE_MODES = ("16x", "4x")

@@ -63,8 +63,18 @@ def build_conversation(message: dict | str, history: Sequence[dict] | None, *, s
     new_turn = _user_turn(text.strip(), files, rules, frames)
     notices = [notice for item in (*new_turn.images, *new_turn.videos) for notice in item.notices]
     turns.append(new_turn)
-    return Conversation(turns=tuple(_merge_same_role(turns)), system_prompt=system_prompt.strip(),
+    return Conversation(turns=tuple(_merge_same_role(turns)), system_prompt=valid_unicode(system_prompt.strip()),
                         options=options), notices
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (which JSON can carry, "\\ud800", and no tokenizer takes)
+    replaced by U+FFFD, as a browser shows them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _split_message(message: dict | str) -> tuple[str, list[str]]:
@@ -75,7 +85,7 @@ def _split_message(message: dict | str) -> tuple[str, list[str]]:
     text = message.get("text") or ""
     if not isinstance(text, str):
         raise InputError("The message text must be a string.")
-    return text, [file_path(item) for item in message.get("files") or []]
+    return valid_unicode(text), [file_path(item) for item in message.get("files") or []]
 
 
 def _checked_history(history) -> list:
@@ -103,7 +113,7 @@ def _history_turns(history: list, rules: InputRules, frames: int) -> list[Turn]:
         if chars > rules.max_history_chars:
             raise InputError(f"The chat is too long: its earlier messages hold over "
                              f"{rules.max_history_chars:,} characters. Clear the chat or start a new one.")
-        text = "\n".join(t for t in texts if t)
+        text = valid_unicode("\n".join(t for t in texts if t))
         # The model never sees files "said" by the assistant, so they are not even opened. An
         # earlier reply goes back as its answer alone: reasoning sent back confuses the model
         # (upstream, `</think>` went missing after the first turn) and costs context.

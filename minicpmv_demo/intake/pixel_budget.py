@@ -30,6 +30,12 @@ class PixelBudget:
         self._queue: deque[object] = deque()
         self._changed = threading.Condition()
 
+    @property
+    def waiting(self) -> int:
+        """Reservations waiting for their turn or for room."""
+        with self._changed:
+            return len(self._queue)
+
     @contextmanager
     def reserve(self, pixels: int) -> Iterator[None]:
         """Wait for the turn and the room to decode `pixels`; give them back on leaving."""

@@ -26,6 +26,9 @@ import av
 from PIL import Image
 
 from .images import DECODING, check_upload_file
+from .mp4_index import Mp4StructureError, index_entries
+from .pixel_budget import PixelBudget
+from .webm_index import WebmStructureError, cue_entries
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,22 @@ FRAMES_PER_SECOND = 1.0
 # A wanted frame further ahead than this is reached by seeking (to the key frame before it)
 # rather than by decoding every frame in between; key frames are usually 1-10 s apart.
 SEEK_AFTER_SECONDS = 10.0
+# Frames and audio packets a second that a real clip may have (960 fps slow motion fits; audio
+# comes in packets of about 1,000 samples, 47 a second for AAC). An MP4 header that claims more
+# than this over the longest clip accepted is refused before FFmpeg builds an index entry for
+# each claimed sample (see mp4_index.py): at 600 s, 600,000 entries, about 26 MB.
+MAX_SAMPLES_PER_SECOND = 1000
+# WebM cue points a second: they mark key frames, so even a 60 fps clip made only of key frames
+# stays under this. At 600 s, 60,000 cue points cost FFmpeg about 7 MB (see webm_index.py).
+MAX_CUES_PER_SECOND = 100
+# Videos opened and decoded at once, all threads together; more wait their turn, first come
+# first served. FFmpeg's index, its decoder threads and the frames in flight cost tens of MB a
+# video, and decoding is CPU work on a server with few cores: more at once would only wait in
+# memory. (A reservation counts one video, not pixels.)
+VIDEO_DECODES = PixelBudget(2)
+# PyAV before 19 raises on container metadata that is not UTF-8 unless told to ignore it; 19
+# decodes it leniently by itself and no longer takes the option (Python 3.12 gets 19 from the lock).
+OPEN_OPTIONS = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
 
 
 class VideoError(ValueError):
@@ -84,8 +103,9 @@ def prepare_video(path: str | os.PathLike, limits: VideoLimits, frames: int) -> 
     name = path.name
     check_upload_file(path, name, limits.max_file_bytes, VideoError, "videos")
     demuxer = _demuxer(path, name)
-    with _unreadable_as_video_error(name), \
-            av.open(str(path), format=demuxer, metadata_errors="ignore") as container:
+    _check_index_claims(path, name, demuxer, limits)
+    with VIDEO_DECODES.reserve(1), _unreadable_as_video_error(name), \
+            av.open(str(path), format=demuxer, **OPEN_OPTIONS) as container:
         if not container.streams.video:
             raise VideoError(f"{name} has no video track.")
         stream = container.streams.video[0]
@@ -123,6 +143,23 @@ def _demuxer(path: Path, name: str) -> str:
     if head[4:8] in MP4_BOXES:
         return "mov"
     raise VideoError(f"{name} is not an MP4, WebM or MOV video.")
+
+
+def _check_index_claims(path: Path, name: str, demuxer: str, limits: VideoLimits) -> None:
+    """Refuse a file whose index claims more entries than a clip within the limits can have,
+    before FFmpeg spends memory on them: every entry points at a byte of the file at least, and
+    a clip no longer than the duration limit has at most so many frames (or key frames) a second."""
+    per_second = MAX_SAMPLES_PER_SECOND if demuxer == "mov" else MAX_CUES_PER_SECOND
+    most = min(path.stat().st_size, math.ceil(limits.max_seconds * per_second))
+    try:
+        claimed = index_entries(path) if demuxer == "mov" else cue_entries(path, most)
+    except (Mp4StructureError, WebmStructureError) as exc:
+        logger.info("refused %s: %s", name, exc)
+        raise VideoError(f"{name} is damaged or not a video this demo can read (use MP4, WebM or MOV).") from None
+    if claimed > most:
+        what = "frames and samples" if demuxer == "mov" else "index points"
+        raise VideoError(f"{name}'s index claims more {what} than a video within this demo's limits can have "
+                         f"({most:,}): it looks damaged.")
 
 
 def _check_frame_size(stream, name: str, limits: VideoLimits) -> None:

@@ -17,7 +17,11 @@ already updates its states in place, here pointed at views of the slot buffers.
 
 Invariant: columns at or past a slot's length hold zeros (or, for free slots, one column of a
 captured graph's padding row). Masked columns get zero weight, but a NaN left by a failed row
-would still poison `0 * NaN`, so a freed slot is cleared.
+would still poison `0 * NaN`, so a freed slot is cleared, including the column a step that failed
+half-way (out of memory) may have written past the slot's length.
+
+A model spread over several GPUs (`--device-map auto`) keeps each layer's buffers on that layer's
+device; the columns each row writes at (`lengths`) are mirrored on every device the layers use.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ class SlotKVLayer:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the step's key/value of row i at column `columns[i]`; return the attended window."""
-        rows, columns = self.owner.step_rows, self.owner.step_columns
+        rows, columns = self.owner.step_index[self.keys_buffer.device]
         self.keys_buffer[rows, :, columns] = key_states[:, :, 0]
         self.values_buffer[rows, :, columns] = value_states[:, :, 0]
         batch, width = key_states.shape[0], self.owner.width
@@ -48,23 +52,33 @@ class SlotCache(Cache):
     """The buffers of `slots` rows of up to `max_len` tokens, shaped as the model's layers need.
 
     `activate(batch, width)` points the layers at the first `batch` slots before a decode step;
-    `step_columns` (a device tensor, a view of `lengths`) says where each row writes.
+    `step_index[device]` (device tensors: the slot numbers and a view of `lengths` there) says
+    where each row writes.
     """
 
-    def __init__(self, text_config, slots: int, max_len: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, text_config, slots: int, max_len: int, dtype: torch.dtype, device,
+                 layer_devices: list | None = None) -> None:
+        """`device`: where the model takes its inputs (positions and masks are built there);
+        `layer_devices`: each layer's device (default: all on `device`)."""
         self.slots, self.max_len = slots, max_len
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # real tokens per slot
-        self.slot_index = torch.arange(slots, device=device)
-        self.step_rows, self.step_columns = self.slot_index, self.lengths
-        self.width = 1
-        self._active = -1
         config = text_config
         kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.device = torch.device(device)
+        self.layer_devices = [torch.device(d) for d in layer_devices] if layer_devices else [self.device] * len(kinds)
+        # Real tokens per slot, on the input device (`lengths`) and mirrored where layers live.
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._lengths_on = {self.device: self.lengths}
+        for other in set(self.layer_devices) - {self.device}:
+            self._lengths_on[other] = torch.zeros(slots, dtype=torch.long, device=other)
+        self._slot_index_on = {d: torch.arange(slots, device=d) for d in self._lengths_on}
+        self.step_index = {d: (self._slot_index_on[d], self._lengths_on[d]) for d in self._lengths_on}
+        self.width = 1
+        self._active = -1
         layers: list = []
         self.conv_buffers: dict[int, torch.Tensor] = {}
         self.recurrent_buffers: dict[int, torch.Tensor] = {}
-        for index, kind in enumerate(kinds):
+        for index, (kind, device) in enumerate(zip(kinds, self.layer_devices, strict=True)):
             if kind == "linear_attention":
                 key_dim = config.linear_num_key_heads * config.linear_key_head_dim
                 value_dim = config.linear_num_value_heads * config.linear_value_head_dim
@@ -86,6 +100,20 @@ class SlotCache(Cache):
                                           torch.zeros(shape, dtype=dtype, device=device)))
         super().__init__(layers=layers)
 
+    @property
+    def spread(self) -> bool:
+        """Whether the layers live on more than one device (such a step is not captured)."""
+        return len(self._lengths_on) > 1
+
+    def set_length(self, slot: int, length: int) -> None:
+        for lengths in self._lengths_on.values():
+            lengths[slot] = length
+
+    def advance(self, rows: int) -> None:
+        """After a decode step: the first `rows` slots hold one more token each."""
+        for lengths in self._lengths_on.values():
+            lengths[:rows] += 1
+
     @staticmethod
     def bytes_needed(text_config, slots: int, max_len: int, dtype: torch.dtype) -> int:
         """What `SlotCache(text_config, slots, max_len, dtype, ...)` allocates, without allocating it."""
@@ -104,7 +132,8 @@ class SlotCache(Cache):
         if batch == self._active:
             return
         self._active = batch
-        self.step_rows, self.step_columns = self.slot_index[:batch], self.lengths[:batch]
+        self.step_index = {device: (self._slot_index_on[device][:batch], lengths[:batch])
+                           for device, lengths in self._lengths_on.items()}
         for index, layer in enumerate(self.layers):
             if index in self.conv_buffers:
                 layer.conv_states[0] = self.conv_buffers[index][:batch]
@@ -122,7 +151,7 @@ class SlotCache(Cache):
                 start = theirs.keys.shape[2] - length
                 mine.keys_buffer[slot, :, :length].copy_(theirs.keys[row, :, start:])
                 mine.values_buffer[slot, :, :length].copy_(theirs.values[row, :, start:])
-        self.lengths[slot] = length
+        self.set_length(slot, length)
 
     def move(self, source: int, target: int, length: int) -> None:
         """Move the row in `source` (holding `length` tokens) into the free `target`; free `source`."""
@@ -133,12 +162,13 @@ class SlotCache(Cache):
             else:
                 layer.keys_buffer[target, :, :length].copy_(layer.keys_buffer[source, :, :length])
                 layer.values_buffer[target, :, :length].copy_(layer.values_buffer[source, :, :length])
-        self.lengths[target] = length
+        self.set_length(target, length)
         self.free(source, length)
 
     def free(self, slot: int, length: int) -> None:
-        """Clear the `length` columns `slot` used (plus column 0, which graph padding writes)."""
-        used = max(length, 1)
+        """Clear the `length` columns `slot` used, and the next one: a step that failed half-way
+        may have written it, and graph padding writes column 0 of a free slot."""
+        used = min(length + 1, self.max_len)
         for index, layer in enumerate(self.layers):
             if index in self.conv_buffers:
                 self.conv_buffers[index][slot].zero_()
@@ -146,4 +176,4 @@ class SlotCache(Cache):
             else:
                 layer.keys_buffer[slot, :, :used].zero_()
                 layer.values_buffer[slot, :, :used].zero_()
-        self.lengths[slot] = 0
+        self.set_length(slot, 0)

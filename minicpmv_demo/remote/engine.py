@@ -5,6 +5,10 @@ the backend streams; `cancel` on it (Stop, a closed tab, an API client hanging u
 upstream stream, which is how vLLM, SGLang and this app free the row. Requests are I/O here, not
 model work, so they run as tasks of one asyncio loop on a daemon thread, each independent: a
 slow or failing reply never holds up another.
+
+A backend is trusted with nothing it could use to hold this server: each reply has an overall
+deadline (a stream of keep-alives never ends by itself), reading stops at the token count that
+was asked for (a stream without end), and no answer is read past a bound (capped_transport.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..engine import FinishReason, ReplyStats, ReplyStream, SamplingParams
 from ..engine.contract import BackendState, EngineState
 from ..engine.meter import TokenMeter
 from ..engine.reasoning import THINK_CLOSE, THINK_OPEN
+from .capped_transport import CappedTransport
 from .probe import BackendProbe
 from .wire import request_body
 
@@ -36,6 +41,12 @@ log = logging.getLogger(__name__)
 
 # How often a running reply looks at its stream's cancel flag (set from another thread).
 CANCEL_CHECK_S = 0.2
+# Stream chunks read beyond the tokens asked for: the role's first chunk, the finish and the
+# usage come without a token. (Servers send one chunk per token or fewer.)
+CHUNK_SLACK = 8
+# Characters of text per token asked for, at most: the longest tokens of real vocabularies
+# (runs of spaces or punctuation) are far shorter.
+MAX_CHARS_PER_TOKEN = 256
 
 FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
@@ -44,12 +55,15 @@ class RemoteEngine:
     """Sends each request to the backend; keeps the local bookkeeping the page shows."""
 
     def __init__(self, probe: BackendProbe, *, api_key: str = "", timeout_s: float = 60.0,
-                 max_batch: int = 64) -> None:
+                 reply_seconds: float = 600.0, max_batch: int = 64) -> None:
+        """`timeout_s`: the most the backend may keep silent (to connect, to start, between two
+        pieces); `reply_seconds`: the most one reply may take in all."""
         self.probe = probe
         self.max_batch = max_batch  # the page says "up to N users at once": the backend decides
         self.reads_video = True  # sent on as clips; a backend that cannot read them says so
         self.restarts = 0
         self._timeout_s = timeout_s
+        self._reply_seconds = reply_seconds
         self._api_key = api_key or "none"  # the client insists on one; servers without keys ignore it
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
@@ -76,9 +90,13 @@ class RemoteEngine:
 
     async def _make_client(self) -> openai.AsyncOpenAI:
         # A plain number of seconds: openai 2.x (httpx) and 3.x (httpx2) both take one, while each
-        # refuses the other HTTP stack's Timeout object.
+        # refuses the other HTTP stack's Timeout object. Both take an httpx client, which carries
+        # the capped transport; its limits are the SDK's own defaults.
+        transport = CappedTransport(httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100)))
+        http_client = httpx.AsyncClient(transport=transport, timeout=self._timeout_s, follow_redirects=True)
         return openai.AsyncOpenAI(base_url=self.probe.base_url, api_key=self._api_key, timeout=self._timeout_s,
-                                  max_retries=0)
+                                  max_retries=0, http_client=http_client)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._client is not None:
@@ -121,11 +139,15 @@ class RemoteEngine:
     # -- the loop's side -----------------------------------------------------------------------
     async def _reply(self, conversation: Conversation, params: SamplingParams, stream: ReplyStream) -> None:
         reader = asyncio.ensure_future(self._stream_reply(conversation, params, stream))
+        deadline = time.monotonic() + self._reply_seconds
         try:
             while not reader.done():
                 await asyncio.wait({reader}, timeout=CANCEL_CHECK_S)
-                if stream.cancelled and not reader.done():
+                late = time.monotonic() > deadline
+                if (stream.cancelled or late) and not reader.done():
                     reader.cancel()  # closes the HTTP response: the backend frees the row
+            if reader.cancelled() and not stream.cancelled:
+                raise ReplyTooLong(self._reply_seconds)
             if reader.cancelled():
                 stream.finish(ReplyStats(tokens=0, seconds=time.perf_counter() - stream.submitted_at,
                                          batch_size=1, peak_memory_mb=None, finish_reason=FinishReason.CANCELLED))
@@ -133,7 +155,7 @@ class RemoteEngine:
                 reader.result()
         except Exception as exc:  # noqa: BLE001 - every failure becomes this one reply's message
             if not stream.done:
-                stream.fail(failure_message(exc))
+                stream.fail(failure_message(exc), refused=refused_by_backend(exc))
         finally:
             with self._lock:
                 self._active -= 1
@@ -148,9 +170,14 @@ class RemoteEngine:
         extra = {key: body.pop(key) for key in list(body) if key not in STANDARD_FIELDS}
         started = time.perf_counter()
         counted, usage_tokens, finish, thinking = 0, None, FinishReason.STOP, False
+        chunks, most_chars = 0, params.max_new_tokens * MAX_CHARS_PER_TOKEN
         response = await self._client.chat.completions.create(**body, extra_body=extra or None)
         async with response:
             async for chunk in response:
+                chunks += 1
+                if chunks > params.max_new_tokens + CHUNK_SLACK or len(stream.text) > most_chars:
+                    finish = FinishReason.LENGTH  # the backend went on past what was asked
+                    break
                 if chunk.usage is not None:
                     usage_tokens = chunk.usage.completion_tokens
                     stream.prompt_tokens = chunk.usage.prompt_tokens
@@ -180,11 +207,19 @@ class RemoteEngine:
 
 
 # What the `openai` client takes as keyword arguments; everything else goes in `extra_body`.
-STANDARD_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p"})
+STANDARD_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "temperature", "top_p",
+                             "seed"})
 
 
 class BackendDown(RuntimeError):
     """The backend could not be asked at all."""
+
+
+class ReplyTooLong(RuntimeError):
+    """The reply passed its overall deadline (--backend-reply-seconds)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"more than {seconds:g} s in all")
 
 
 class BackendClientError(RuntimeError):
@@ -197,10 +232,19 @@ def _reasoning(delta) -> str:
     return extra.get("reasoning_content") or extra.get("reasoning") or ""
 
 
+def refused_by_backend(exc: BaseException) -> bool:
+    """The backend refused the request itself (a 4xx other than rate limits and timeouts): it
+    would refuse it again unchanged, so an API passes the refusal on as a 400."""
+    return (isinstance(exc, openai.APIStatusError) and 400 <= exc.status_code < 500
+            and exc.status_code not in (408, 409, 429))
+
+
 def failure_message(exc: BaseException) -> str:
     """What the user reads when the backend failed this reply."""
     if isinstance(exc, BackendDown):
         return f"The model server is not reachable ({exc}). Please try again in a moment."
+    if isinstance(exc, ReplyTooLong):
+        return f"The model server took too long to answer ({exc}), so the reply was stopped. Please try again."
     if isinstance(exc, openai.RateLimitError) or (isinstance(exc, openai.APIStatusError) and exc.status_code == 503):
         return "The model server is busy right now. Please try again in a moment."
     if isinstance(exc, openai.APITimeoutError):

@@ -11,12 +11,14 @@ what `/v1/models` says owns the model:
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 
 from ..system.gpu import GpuInfo
+from .answers import JSON_ANSWER_BYTES, METRICS_ANSWER_BYTES, BadAnswer, app_load, model_list, parse_json, read_capped
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,14 @@ class BackendProbe:
             self.poll()
 
     def poll(self) -> BackendStatus:
-        """Ask once; never raises (a failure is the status)."""
+        """Ask once; never raises, whatever the backend sends (a failure is the status)."""
         try:
             status = self._ask()
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            status = BackendStatus(reachable=False, error=_short(exc), kind=self._status.kind,
-                                   model=self._status.model)
+        except (httpx.HTTPError, BadAnswer) as exc:
+            status = self._unreachable(_short(exc))
+        except Exception as exc:  # noqa: BLE001 - the probe must outlive any answer: /health relies on it
+            log.exception("backend probe failed on an answer it did not expect")
+            status = self._unreachable(f"unreadable answer ({type(exc).__name__})")
         if status.error != self._logged:
             if status.reachable:
                 log.info("backend %s is up (%s, model %s)", self.base_url, status.kind, status.model)
@@ -106,49 +110,47 @@ class BackendProbe:
         self._status = status
         return status
 
+    def _unreachable(self, error: str) -> BackendStatus:
+        return BackendStatus(reachable=False, error=error, kind=self._status.kind, model=self._status.model)
+
     def _ask(self) -> BackendStatus:
-        listed = self._client.get(f"{self.base_url}/models")
-        listed.raise_for_status()
-        models = listed.json()["data"]
-        if not models:
-            raise ValueError("the backend lists no model")
-        chosen = next((m for m in models if m["id"] == self.wanted_model), None) if self.wanted_model else models[0]
+        path = "/v1/models"
+        models = model_list(parse_json(read_capped(self._client, f"{self.base_url}/models", path,
+                                                   JSON_ANSWER_BYTES), path))
+        chosen = next((m for m in models if m.id == self.wanted_model), None) if self.wanted_model else models[0]
         if chosen is None:
-            raise ValueError(f"the backend does not serve {self.wanted_model!r} "
-                             f"(it lists {', '.join(m['id'] for m in models)})")
-        kind = str(chosen.get("owned_by") or "openai-compatible")
-        base = BackendStatus(reachable=True, error=None, kind=kind, model=str(chosen["id"]))
+            listed = ", ".join(m.id for m in models[:10])
+            raise BadAnswer(f"the backend does not serve {self.wanted_model!r} (it lists {listed[:300]})")
+        base = BackendStatus(reachable=True, error=None, kind=chosen.owned_by, model=chosen.id)
         try:
-            if kind == THIS_APP:
+            if chosen.owned_by == THIS_APP:
                 return self._this_app(base)
-            if kind == VLLM:
+            if chosen.owned_by == VLLM:
                 return self._vllm(base)
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (httpx.HTTPError, BadAnswer) as exc:
             log.debug("backend load and memory unreadable: %s", exc)  # chats still work
         return base
 
     def _this_app(self, base: BackendStatus) -> BackendStatus:
-        answer = self._client.get(f"{self.base_url}/gpu_memory")
-        answer.raise_for_status()
-        snapshot = answer.json()
-        engine = snapshot["engine"]
-        gpus = tuple(GpuInfo(**{**gpu, "utilization_pct": gpu["utilization_pct"] or float("nan")})
-                     for gpu in snapshot["gpus"])
-        return BackendStatus(reachable=True, error=None, kind=base.kind, model=base.model,
-                             queue_depth=int(engine["queue_depth"]), batch_size=int(engine["batch_size"]),
-                             batch_ceiling=int(engine["batch_ceiling"]), gpus=gpus,
-                             extra={"process_rss_mb": snapshot["process"]["rss_mb"]})
+        path = "/v1/gpu_memory"
+        load = app_load(parse_json(read_capped(self._client, f"{self.base_url}/gpu_memory", path,
+                                               JSON_ANSWER_BYTES), path))
+        return replace(base, queue_depth=load.queue_depth, batch_size=load.batch_size,
+                       batch_ceiling=load.batch_ceiling, gpus=load.gpus,
+                       extra={} if load.rss_mb is None else {"process_rss_mb": load.rss_mb})
 
     def _vllm(self, base: BackendStatus) -> BackendStatus:
-        answer = self._client.get(f"{self.root_url}/metrics")
-        answer.raise_for_status()
-        metrics = prometheus_values(answer.text)
+        text = read_capped(self._client, f"{self.root_url}/metrics", "/metrics", METRICS_ANSWER_BYTES)
+        metrics = prometheus_values(text.decode("utf-8", errors="replace"))
         usage = metrics.get("vllm:kv_cache_usage_perc", metrics.get("vllm:gpu_cache_usage_perc"))
         running, waiting = metrics.get("vllm:num_requests_running"), metrics.get("vllm:num_requests_waiting")
-        return BackendStatus(reachable=True, error=None, kind=base.kind, model=base.model,
-                             queue_depth=None if waiting is None else int(waiting),
-                             batch_size=None if running is None else int(running),
-                             kv_cache_pct=None if usage is None else 100 * usage)
+        return replace(base, queue_depth=_whole(waiting), batch_size=_whole(running),
+                       kv_cache_pct=None if usage is None or not math.isfinite(usage) else 100 * usage)
+
+
+def _whole(value: float | None) -> int | None:
+    """A Prometheus gauge as a count; None when absent or not a sane count."""
+    return int(value) if value is not None and math.isfinite(value) and 0 <= value < 2**31 else None
 
 
 def prometheus_values(text: str) -> dict[str, float]:
@@ -168,5 +170,12 @@ def prometheus_values(text: str) -> dict[str, float]:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    """One line about a failure, without the backend's address (/health may show the error
+    where --show-backend-url hides the address)."""
+    if isinstance(exc, BadAnswer):
+        return str(exc)[:200]
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused or no route"
+    return f"connection failed ({type(exc).__name__})"

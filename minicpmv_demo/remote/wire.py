@@ -39,6 +39,8 @@ def request_body(conversation: Conversation, params: SamplingParams, model: str)
         body["top_k"] = params.top_k
     if params.repetition_penalty != 1.0:
         body["repetition_penalty"] = params.repetition_penalty
+    if params.seed is not None:
+        body["seed"] = params.seed
     return body | prompt_options(conversation.options)
 
 

@@ -213,3 +213,18 @@ def describe_gpus(reading: GpuReading) -> str:
     if reading.error:
         return f"GPU memory unavailable: {reading.error}"
     return "No GPU: running on CPU"
+
+
+def usable_bytes(devices: list[torch.device], utilization: float) -> int | None:
+    """GPU memory the process may still fill on `devices` under `utilization` (the share of each
+    card it may use), on the device with the least; None on the CPU, where the operating system
+    decides. What torch's allocator keeps reserved but unused counts as free."""
+    cards = sorted({torch.device(d).index or 0 for d in devices if torch.device(d).type == "cuda"})
+    if not cards or not torch.cuda.is_available():
+        return None
+    room = []
+    for card in cards:
+        free, total = torch.cuda.mem_get_info(card)
+        idle = torch.cuda.memory_reserved(card) - torch.cuda.memory_allocated(card)
+        room.append(int(free + idle - (1.0 - utilization) * total))
+    return max(0, min(room))

@@ -11,7 +11,9 @@ switches it with `chat_template_kwargs: {"enable_thinking": true|false}`; a repl
 client sends back in earlier assistant messages is never shown to the model. Every reply has
 `usage`; a stream sends it in a last chunk when asked (`stream_options: {"include_usage": true}`).
 Visual settings follow them too: `mm_processor_kwargs: {"downsample_mode": "16x"|"4x",
-"max_slice_nums": N, "max_num_frames": N}`.
+"max_slice_nums": N, "max_num_frames": N}`. `stop` strings end a reply before them (see
+stop_text.py); what the server does not do (tools, JSON formats, several choices, another
+model) is refused by name (see openai_fields.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from urllib.parse import unquote, urlparse
 
 import anyio
@@ -34,6 +37,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .admission import Busy
+from .api_errors import ApiError, error_response
+from .openai_fields import check_model, refuse_unsupported, request_seed, stop_strings
+from .stop_text import StopText
 from ..intake.message import InputError, content_parts
 from .chat_service import ChatService, upload_root
 from ..engine import FinishReason, ReplyError, ReplyStream, SamplingParams
@@ -52,14 +58,9 @@ DISCONNECT_CHECK_S = 0.25
 MM_PROCESSOR_KWARGS = ("downsample_mode", "max_slice_nums", "max_num_frames")
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> None:
-    """Register the routes on the FastAPI app that Gradio runs.
+def add_openai_routes(app: FastAPI, service: ChatService, model_name: str, aliases: tuple[str, ...] = ()) -> None:
+    """Register the routes on the FastAPI app that Gradio runs; the model answers to its name
+    and to `aliases` (all listed by /v1/models), and replies name it `model_name`.
 
     The handlers are `async`: a request waiting for its turn or its reply holds no worker
     thread (250 waiting clients must not starve `/health` or the page); only the reading of its
@@ -69,45 +70,51 @@ def add_openai_routes(app: FastAPI, service: ChatService, model_name: str) -> No
     # Reading images and encoding chats is CPU work under one interpreter lock: a few threads do
     # it as fast as many, and leave the server's other threads (and /health) room to answer.
     readers = anyio.CapacityLimiter(READER_THREADS)
+    names = tuple(dict.fromkeys((model_name, *aliases)))
 
     def models(request: Request) -> JSONResponse:
         try:
             _authorize(request, service)
         except ApiError as exc:
-            return _error(exc)
+            return error_response(exc)
         return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": 0, "owned_by": "minicpmv-demo"}]})
+            {"id": name, "object": "model", "created": 0, "owned_by": "minicpmv-demo"} for name in names]})
 
     async def chat_completions(request: Request):
         try:
             _authorize(request, service)
             body = await _json_body(request)
+            check_model(body, names)
+            refuse_unsupported(body)
             streaming = _options(body)
             include_usage = _include_usage(body)
+            stop = StopText(stop_strings(body))
             exit_gate = await service.gate.enter()
         except Busy:
-            return _error(ApiError(503, "The server is busy. Please try again in a moment.", "server_busy"),
-                          headers={"Retry-After": str(RETRY_AFTER_S)})
+            return error_response(ApiError(503, "The server is busy. Please try again in a moment.", "server_busy"),
+                                  headers={"Retry-After": str(RETRY_AFTER_S)})
         except ApiError as exc:
-            return _error(exc)
+            return error_response(exc)
         try:
             stream = await anyio.to_thread.run_sync(_submit, service, body, exit_gate, limiter=readers)
         except ApiError as exc:
-            return _error(exc)
+            return error_response(exc)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if streaming:
             # The background task also runs when the client hangs up before the first chunk.
-            return StreamingResponse(_sse(stream, completion_id, model_name, service, request, include_usage),
+            return StreamingResponse(_sse(stream, completion_id, model_name, service, request, include_usage, stop),
                                      media_type="text/event-stream", background=BackgroundTask(stream.cancel))
         try:
-            if not await _ended(stream, request):
-                return _error(ApiError(499, "The client closed the request.", "cancelled"))
-            text = stream.result(timeout=0)
+            if not await _ended(stream, request, stop, service):
+                return error_response(ApiError(499, "The client closed the request.", "cancelled"))
+            text = stop.visible(stream.result(timeout=0), ended=True)
         except ReplyError as exc:
-            return _error(ApiError(500, str(exc), "server_error"))
+            # A request the engine or the backend refused is the client's to change (a 500 would
+            # be retried unchanged by the openai SDK).
+            return error_response(ApiError(400, str(exc)) if exc.refused else ApiError(500, str(exc), "server_error"))
         finally:
             stream.cancel()  # no-op once finished; frees the row of a client that left
-        return JSONResponse(_completion(completion_id, model_name, text, stream))
+        return JSONResponse(_completion(completion_id, model_name, text, stream, stop))
 
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
@@ -118,6 +125,8 @@ async def _json_body(request: Request) -> dict:
         body = json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "The request body must be JSON.") from None
+    except RecursionError:  # the parser's own limit (about 1,000 levels); no request needs that
+        raise ApiError(400, "The request body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return body
@@ -130,7 +139,8 @@ def _options(body: dict) -> bool:
         raise ApiError(400, "'stream' must be true or false.")
     choices = body.get("n", 1)
     if choices not in (None, 1) or isinstance(choices, bool):
-        raise ApiError(400, f"'n' must be 1: this server returns one choice per request (got {choices!r}).")
+        raise ApiError(400, f"'n' must be 1: this server returns one choice per request (got {str(choices)[:40]!r}).",
+                       param="n")
     return bool(streaming)
 
 
@@ -172,15 +182,24 @@ class _EndSignal:
         return self._ended.is_set()
 
 
-async def _ended(stream: ReplyStream, request: Request) -> bool:
+async def _ended(stream: ReplyStream, request: Request, stop: StopText, service: ChatService) -> bool:
     """Wait for the reply's end; False (and the request cancelled) if the client hung up
-    first, so its row does not go on generating for nobody."""
+    first, so its row does not go on generating for nobody. A stop string ends the reply early:
+    it is looked for as often as a stream is updated."""
     end = _EndSignal(stream)
-    while not await end.wait(DISCONNECT_CHECK_S):
+    while not await end.wait(service.current_stream_interval() if stop.stops else DISCONNECT_CHECK_S):
         if await request.is_disconnected():
             stream.cancel()
             return False
+        _cancel_at_stop(stream, stop)
     return True
+
+
+def _cancel_at_stop(stream: ReplyStream, stop: StopText) -> None:
+    """Once a stop string has come, the rest of the reply is for nobody: the engine drops it."""
+    stop.visible(stream.text)
+    if stop.stopped:
+        stream.cancel()
 
 
 def _authorize(request: Request, service: ChatService) -> None:
@@ -232,6 +251,8 @@ def _read_and_submit(service: ChatService, body: dict, exit_gate: Callable[[], N
                                        exit_gate=exit_gate)
         except InputError as exc:
             raise ApiError(400, str(exc)) from None
+        if stream.done and stream.refused:  # refused at the door (a prompt longer than the context)
+            raise ApiError(400, stream.error or "The request was refused.")
         return stream
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # pictures and video frames are in memory by now
@@ -262,10 +283,11 @@ def _sampling(service: ChatService, body: dict) -> SamplingParams:
     body fields (as vLLM takes them; top_k -1 or 0 is off). What the client leaves out is the
     server's default, which is the checkpoint's own (`ChatService.defaults`), as vLLM does."""
     try:
-        return service.params(_first_given(body, "max_tokens", "max_completion_tokens"), body.get("temperature"),
-                              body.get("top_p"), body.get("top_k"), body.get("repetition_penalty"))
+        params = service.params(_first_given(body, "max_tokens", "max_completion_tokens"), body.get("temperature"),
+                                body.get("top_p"), body.get("top_k"), body.get("repetition_penalty"))
     except InputError as exc:
         raise ApiError(400, str(exc)) from None
+    return replace(params, seed=request_seed(body))
 
 
 def _first_given(body: dict, *names: str):
@@ -375,7 +397,7 @@ class _ReplyDeltas:
 
 
 async def _sse(stream: ReplyStream, completion_id: str, model: str, service: ChatService,
-               request: Request, include_usage: bool) -> AsyncIterator[str]:
+               request: Request, include_usage: bool, stop: StopText) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; a client that hangs up cancels the request.
 
     Tokens are coalesced like the page's (one chunk per stream interval at most); the end is
@@ -397,12 +419,13 @@ async def _sse(stream: ReplyStream, completion_id: str, model: str, service: Cha
             ended = await end.wait(service.current_stream_interval())
             if await request.is_disconnected():
                 return  # the client left: `finally` frees its row
-            for delta in deltas.new(stream.text):
+            for delta in deltas.new(stop.visible(stream.text, ended)):
                 yield chunk(delta)
+            _cancel_at_stop(stream, stop)
             if ended:
                 break
         stream.result(timeout=0)  # raises the engine's error, if any
-        yield chunk({}, _finish_reason(stream))
+        yield chunk({}, _finish_reason(stream, stop))
         if include_usage:
             yield chunk(None, usage=_usage(stream))  # OpenAI's shape: no choices, the usage
     except ReplyError as exc:
@@ -412,27 +435,26 @@ async def _sse(stream: ReplyStream, completion_id: str, model: str, service: Cha
     yield "data: [DONE]\n\n"
 
 
-def _finish_reason(stream: ReplyStream) -> str:
+def _finish_reason(stream: ReplyStream, stop: StopText) -> str:
     stats = stream.stats
-    return "length" if stats is not None and stats.finish_reason == FinishReason.LENGTH else "stop"
+    long = not stop.stopped and stats is not None and stats.finish_reason == FinishReason.LENGTH
+    return "length" if long else "stop"
 
 
-def _completion(completion_id: str, model: str, text: str, stream: ReplyStream) -> dict:
+def _completion(completion_id: str, model: str, text: str, stream: ReplyStream, stop: StopText) -> dict:
     parts = split_reasoning(text, stream.thinking)
     message = {"role": "assistant", "content": parts.answer, "reasoning_content": parts.reasoning}
     return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(stream)}],
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(stream, stop)}],
             "usage": _usage(stream)}
 
 
 def _usage(stream: ReplyStream) -> dict:
     """Tokens read (the encoded prompt, pictures' tokens included) and written (reasoning
-    included, the stop token not) by one finished reply."""
+    included, the stop token not) by one finished reply. A reply cut at a stop string counts
+    what was generated until the engine dropped it: the stop string, and the few tokens after it
+    made within one stream interval, before the cut was seen."""
     completion = stream.stats.tokens if stream.stats else 0
     return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": completion,
             "total_tokens": stream.prompt_tokens + completion}
 
-
-def _error(exc: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": str(exc), "type": exc.kind}}, status_code=exc.status,
-                        headers=headers)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
+import threading
 from dataclasses import asdict, dataclass
 
 import anyio
@@ -83,13 +85,17 @@ class App:
             "state_session_capacity": settings.page_sessions,
         }
         options.update(overrides)
+        # Gradio's uvicorn rewrites the client's address from X-Forwarded-For for the peers this
+        # variable names (127.0.0.1 unless set), before any middleware of ours runs: a client on
+        # this machine could pose as any address to the login throttle. Only --trusted-proxy may.
+        os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
         launched = self.demo.launch(prevent_thread_lock=True, **options)
         keep_sessions_lean(launched[0], self.demo)
         launched[0].add_api_route("/health", self.health, methods=["GET"])
         # Plain JSON twin of the page's gpu_memory API: what a front end reads when this app is
         # its backend. Under /v1/, so --auth's API key guards it like the chat route.
         launched[0].add_api_route("/v1/gpu_memory", self.gpu_memory, methods=["GET"])
-        add_openai_routes(launched[0], self.service, self.loaded.public_name)
+        add_openai_routes(launched[0], self.service, self.loaded.public_name, settings.model_alias_names)
         # Everything built so far (model, tokenizer, Gradio's app: millions of objects) lives as
         # long as the server. Frozen, the collector stops rescanning it: a full collection
         # during a burst of requests took ~300 ms on the tiny model and stalled every request.
@@ -101,8 +107,9 @@ class App:
     async def health(self) -> JSONResponse:
         """Plain HTTP, outside the queue and auth, for load balancers and uptime checks.
 
-        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo.
-        `async` on purpose: it reads counters only, so it answers on the event loop even while
+        Anyone may ask, so with --auth it says only up or down; the rest is for an open demo,
+        except the backend's address (--show-backend-url), which tells a stranger where the
+        model server lies. `async` on purpose: it reads counters only, so it answers on the event loop even while
         every worker thread is busy.
         """
         state = self.engine.state()
@@ -113,7 +120,10 @@ class App:
                      "queue_depth": state.queue_depth, "batch_size": state.batch_size,
                      "engine_restarts": state.restarts}
             if state.backend is not None:
-                body["backend"] = asdict(state.backend)
+                backend = asdict(state.backend)
+                if not self.settings.show_backend_url:
+                    del backend["url"]
+                body["backend"] = backend
         return JSONResponse(body, status_code=200 if state.alive else 503)
 
     async def gpu_memory(self) -> JSONResponse:
@@ -130,16 +140,18 @@ def share_warning(settings: Settings) -> str | None:
     return SHARE_WARNING if settings.share and not settings.auth else None
 
 
-def cache_budget_bytes(utilization: float) -> int | None:
-    """Bytes the engine may fill with caches on the GPU: the free share under `utilization`.
+# The exit status after the GPU broke for good (EX_TEMPFAIL: try again), and how long /health
+# says "engine down" before the process goes, so a load balancer sees it.
+RESTART_EXIT_CODE = 75
+RESTART_GRACE_S = 2.0
 
-    Measured after the model is loaded, so the weights are already counted as used. None on
-    the CPU, where the operating system, not the engine, decides.
-    """
-    if not torch.cuda.is_available():
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return max(0, int(free - (1.0 - utilization) * total))
+
+def exit_for_restart(reason: str) -> None:
+    """The engine's device broke (a sticky CUDA error): exit, so that the supervisor, the
+    container or the Space starts a fresh process. Nothing is cleaned up on the way out: a broken
+    CUDA context can hang a normal shutdown."""
+    log.critical("exiting in %.0f s so that the server is restarted: %s", RESTART_GRACE_S, reason)
+    threading.Timer(RESTART_GRACE_S, os._exit, args=(RESTART_EXIT_CODE,)).start()
 
 
 def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
@@ -157,9 +169,9 @@ def build_app(settings: Settings, loaded: LoadedModel | None = None) -> App:
     batch_call = zerogpu_batch_call()
     if batch_call is not None:
         log.info("ZeroGPU: each batch runs in one @spaces.GPU call")
-    budget = None if batch_call else cache_budget_bytes(settings.gpu_memory_utilization)
     engine = Engine(loaded.runner, max_batch=settings.max_batch, cache_size=settings.cache_size,
-                    memory_budget_bytes=budget, seed=settings.seed, batch_call=batch_call,
+                    gpu_memory_utilization=settings.gpu_memory_utilization, seed=settings.seed, batch_call=batch_call,
+                    on_fatal=exit_for_restart,
                     max_thinking_tokens=settings.max_thinking_tokens, max_model_len=settings.max_model_len,
                     enforce_eager=settings.enforce_eager).start()
     return _assemble(settings, loaded, engine, GpuMemory())
@@ -171,6 +183,7 @@ def _remote_engine(settings: Settings) -> tuple[LoadedModel, RemoteEngine, Backe
     probe = BackendProbe(settings.backend, settings.backend_api_key, settings.backend_model,
                          interval_s=settings.panel_interval, timeout_s=min(5.0, settings.backend_timeout)).start()
     engine = RemoteEngine(probe, api_key=settings.backend_api_key, timeout_s=settings.backend_timeout,
+                          reply_seconds=settings.backend_reply_seconds,
                           max_batch=settings.concurrency)
     try:
         engine.start()

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import ask, run_concurrently, wait_until
+from conftest import OutOfMemoryModel, ask, run_concurrently, wait_until
 from minicpmv_demo.web.chat_service import ChatService
 from minicpmv_demo.engine import FinishReason, ReplyError, SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
 QUESTIONS = [
@@ -26,7 +26,7 @@ QUESTIONS = [
 ]
 
 
-def reference_reply(runner: NativeRunner, conversation, max_new_tokens: int) -> str:
+def reference_reply(runner: MiniCPMV4Runner, conversation, max_new_tokens: int) -> str:
     """What plain `model.generate` (greedy) answers: the ground truth for the engine's loop."""
     prompt = runner.encode(conversation)
     inputs = dict(prompt.inputs)
@@ -81,7 +81,7 @@ def test_rows_finish_on_their_own_eos(make_engine, loaded_tiny):
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # untie from the embeddings
         row = model.lm_head.weight[runner.tokenizer.convert_tokens_to_ids(word)]
         model.lm_head.weight[runner.tokenizer.eos_token_id] = row * 1.01
-    eos_runner = NativeRunner(model, runner.processor)
+    eos_runner = MiniCPMV4Runner(model, runner.processor)
     solo = make_engine(eos_runner, max_batch=1)
     alone = [solo.submit(c, GREEDY) for c in QUESTIONS]
     expected = [(s.result(timeout=60), s.stats.finish_reason) for s in alone]
@@ -161,55 +161,13 @@ def test_streams_update_less_often_while_many_reply_at_once(make_engine, tiny_se
     assert service.current_stream_interval() == pytest.approx(0.03)
 
 
-class OutOfMemoryModel:
-    """Wraps the tiny model and raises CUDA's out-of-memory error past a batch size or prompt
-    length, as a GPU would; everything else runs the real model."""
-
-    def __init__(self, real, max_rows: int, max_prompt: int = 10_000, phase: str = "both") -> None:
-        self.real, self.max_rows, self.max_prompt, self.phase = real, max_rows, max_prompt, phase
-        self.calls: list[tuple[int, int]] = []  # (rows, tokens per row) of every text-model call
-        self.vision_calls = 0
-        self.refusals = 0
-        self.model = _Guarded(self)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def check(self, input_ids) -> None:
-        rows, length = input_ids.shape
-        self.calls.append((rows, length))
-        if self.phase != "both" and self.phase != ("step" if length == 1 else "prefill"):
-            return
-        if rows > self.max_rows or length > self.max_prompt:
-            self.refusals += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
-class _Guarded:
-    """The wrapper's `.model`: checks each call, then runs the real text+vision stack."""
-
-    def __init__(self, owner: OutOfMemoryModel) -> None:
-        self.owner = owner
-
-    def __getattr__(self, name):
-        return getattr(self.owner.real.model, name)
-
-    def __call__(self, **inputs):
-        self.owner.check(inputs["input_ids"])
-        return self.owner.real.model(**inputs)
-
-    def get_image_features(self, *args, **kwargs):
-        self.owner.vision_calls += 1
-        return self.owner.real.model.get_image_features(*args, **kwargs)
-
-
 def test_waiting_requests_are_prefilled_together_and_images_encoded_once(make_engine, loaded_tiny):
     runner = loaded_tiny.runner
     solo = make_engine(max_batch=1)
     expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS]
     solo.shutdown()
     counting = OutOfMemoryModel(runner.model, max_rows=99)
-    engine = make_engine(NativeRunner(counting, runner.processor), started=False, max_batch=8)
+    engine = make_engine(MiniCPMV4Runner(counting, runner.processor), started=False, max_batch=8)
     streams = [engine.submit(c, GREEDY) for c in QUESTIONS]
     engine.start()
     assert [s.result(timeout=60) for s in streams] == expected
@@ -228,7 +186,7 @@ def test_out_of_memory_splits_the_batch_and_everyone_finishes(make_engine, loade
     expected = [solo.submit(c, GREEDY).result(timeout=60) for c in QUESTIONS[:5]]
     solo.shutdown()
     flaky = OutOfMemoryModel(runner.model, max_rows=2, phase=phase)
-    engine = make_engine(NativeRunner(flaky, runner.processor), started=False, max_batch=8)
+    engine = make_engine(MiniCPMV4Runner(flaky, runner.processor), started=False, max_batch=8)
     streams = [engine.submit(c, GREEDY) for c in QUESTIONS[:5]]
     engine.start()
     assert [s.result(timeout=60) for s in streams] == expected
@@ -242,7 +200,7 @@ def test_request_too_large_even_alone_gets_a_clear_error(make_engine, loaded_tin
     runner = loaded_tiny.runner
     big = ask("Compare them.", "chart.png", "scene.png", "receipt.png")
     limit = runner.encode(big).length - 1
-    engine = make_engine(NativeRunner(OutOfMemoryModel(runner.model, max_rows=8, max_prompt=limit),
+    engine = make_engine(MiniCPMV4Runner(OutOfMemoryModel(runner.model, max_rows=8, max_prompt=limit),
                                       runner.processor), max_batch=4)
     fine, too_big = engine.submit(QUESTIONS[0], GREEDY), engine.submit(big, GREEDY)
     with pytest.raises(ReplyError, match="does not fit in the GPU memory"):
@@ -260,23 +218,66 @@ def test_model_exception_fails_only_that_batch(make_engine, loaded_tiny):
         def check(self, input_ids) -> None:
             if input_ids.shape[1] == 1 and Broken.fail_next:
                 Broken.fail_next = False
-                raise RuntimeError("device-side assert triggered")
+                raise RuntimeError("expected all tensors to be on the same device")
 
-    engine = make_engine(NativeRunner(Broken(runner.model, max_rows=8), runner.processor), max_batch=4)
+    engine = make_engine(MiniCPMV4Runner(Broken(runner.model, max_rows=8), runner.processor), max_batch=4)
     with pytest.raises(ReplyError, match="try again"):
         engine.submit(QUESTIONS[0], GREEDY).result(timeout=60)
     assert engine.alive and engine.restarts == 1
     assert engine.submit(QUESTIONS[1], GREEDY).result(timeout=60)
 
 
-def test_memory_budget_limits_the_batch(make_engine, loaded_tiny):
+def test_a_broken_device_stops_the_engine_for_a_restart(make_engine, loaded_tiny):
+    """A sticky CUDA error (an illegal memory access) poisons the device: every later call would
+    fail. The engine fails what it holds and what waits, stops (its state says down), calls
+    `on_fatal` (the server exits so its supervisor restarts it), and is never restarted in place."""
     runner = loaded_tiny.runner
-    per_row = runner.cache_bytes(runner.encode(QUESTIONS[0]).length + GREEDY.max_new_tokens)
-    engine = make_engine(max_batch=8, memory_budget_bytes=int(per_row * 2.5))
+
+    class Broken(OutOfMemoryModel):
+        def check(self, input_ids) -> None:
+            if input_ids.shape[1] == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    reasons = []
+    engine = make_engine(MiniCPMV4Runner(Broken(runner.model, max_rows=8), runner.processor), max_batch=1,
+                         started=False, on_fatal=reasons.append)
+    running, waiting = engine.submit(QUESTIONS[0], GREEDY), engine.submit(QUESTIONS[1], GREEDY)
+    engine.start()
+    for stream in (running, waiting):
+        with pytest.raises(ReplyError, match="GPU failed"):
+            stream.result(timeout=60)
+    assert wait_until(lambda: not engine.alive) and not engine.state().alive
+    assert reasons and "illegal memory access" in reasons[0] and engine.restarts == 0
+    late = engine.submit(QUESTIONS[2], GREEDY)
+    with pytest.raises(ReplyError, match="GPU failed"):
+        late.result(timeout=5)
+    assert not engine.alive, "no restart in place: the process is to be restarted"
+
+
+def test_a_burst_is_prefilled_in_groups_that_fit_the_free_memory(make_engine, loaded_tiny):
+    """With room for two rows' prefill at a time, five requests arriving together are prefilled
+    two by two; each is answered and the batch still grows past two (the slots are there)."""
+    runner = CountingPrefills(loaded_tiny.runner)
+    width = runner.encode(QUESTIONS[0]).length
+    engine = make_engine(runner, max_batch=8, started=False, headroom=lambda: int(runner.prefill_bytes(2, width) * 1.2))
     streams = [engine.submit(QUESTIONS[0], GREEDY) for _ in range(5)]
+    engine.start()
     for stream in streams:
         stream.result(timeout=60)
-    assert max(s.stats.batch_size for s in streams) == 2
+    assert max(runner.rows_per_prefill) == 2 and sum(runner.rows_per_prefill) == 5
+    assert max(s.stats.batch_size for s in streams) > 2
+
+
+class CountingPrefills(MiniCPMV4Runner):
+    """The tiny model's runner, counting the rows of each prefill."""
+
+    def __init__(self, runner: MiniCPMV4Runner) -> None:
+        super().__init__(runner.model, runner.processor)
+        self.rows_per_prefill: list[int] = []
+
+    def prefill(self, prompts, generated):
+        self.rows_per_prefill.append(len(prompts))
+        return super().prefill(prompts, generated)
 
 
 def test_identical_greedy_request_is_answered_from_cache(make_engine):
@@ -327,3 +328,27 @@ def test_a_dead_engine_thread_is_restarted_on_the_next_request(make_engine):
     second = engine.submit(QUESTIONS[1], GREEDY)
     assert second.result(timeout=60) and first.result(timeout=60)
     assert engine.alive and engine.restarts == 1
+
+
+def test_the_engine_and_the_runner_import_without_pyav_or_gradio():
+    """A lent GPU machine has neither: the GPU check imports the engine and the model there."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import minicpmv_demo.engine, minicpmv_demo.model.loading, "
+            "minicpmv_demo.model.minicpmv4.published_shape; "
+            "print(sorted(m for m in ('av', 'gradio', 'fastapi') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "[]"
+
+
+def test_slots_that_cannot_fit_are_one_line_saying_what_to_lower(loaded_tiny):
+    from minicpmv_demo.engine.start import EngineStartError, allocate_slots
+
+    runner = loaded_tiny.runner
+    with pytest.raises(EngineStartError) as refused:
+        allocate_slots(runner, 64, 32768, capture=False, usable=100 * 2**20)
+    message = str(refused.value)
+    assert "\n" not in message and "--max-model-len" in message and "--max-batch 64" in message
+    assert f"{runner.slot_bytes(64, 32768) / 2**20:,.0f} MB" in message

@@ -20,7 +20,7 @@ from minicpmv_demo.intake.conversation import PromptOptions, Turn
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.sampling import sample_for
 from minicpmv_demo.system.gpu import GpuMemory
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
 from minicpmv_demo.web.server import build_app
 
 GREEDY = SamplingParams(max_new_tokens=16)
@@ -137,7 +137,7 @@ def test_a_row_gone_bad_mid_reply_fails_alone_and_the_batch_goes_on(make_engine,
     solo = make_engine(max_batch=1)
     expected = [solo.submit(q, GREEDY).result(timeout=60) for q in QUESTIONS]
     solo.shutdown()
-    engine = make_engine(NativeRunner(PoisonedModel(runner.model, {2}), runner.processor), started=False,
+    engine = make_engine(MiniCPMV4Runner(PoisonedModel(runner.model, {2}), runner.processor), started=False,
                          max_batch=8)
     streams = [engine.submit(q, GREEDY) for q in QUESTIONS]
     engine.start()
@@ -149,10 +149,10 @@ def test_a_row_gone_bad_mid_reply_fails_alone_and_the_batch_goes_on(make_engine,
 
 
 # -- long histories --------------------------------------------------------------------------------
-class CountingRunner(NativeRunner):
+class CountingRunner(MiniCPMV4Runner):
     """The tiny model's runner, counting how much text it was asked to encode or measure."""
 
-    def __init__(self, runner: NativeRunner) -> None:
+    def __init__(self, runner: MiniCPMV4Runner) -> None:
         super().__init__(runner.model, runner.processor)
         self.encoded_turns = 0
         self.measured_turns = 0
@@ -187,7 +187,7 @@ def test_a_long_history_is_trimmed_with_one_encode_of_what_fits(make_engine, loa
 def test_a_long_prompt_is_prefilled_in_pieces_while_the_batch_goes_on(make_engine):
     """A chat that fills the context arrives while another reply streams: it is prefilled a piece at
     a time with decode steps for the other between pieces, and answers what it answers alone."""
-    from minicpmv_demo.engine.engine import PREFILL_PIECE_TOKENS
+    from minicpmv_demo.engine.scheduler import PREFILL_PIECE_TOKENS
 
     history = long_history(12, 1200)
     long_chats = [ask("And now?", history=history), ask("And this one?", "scene.png", history=history)]

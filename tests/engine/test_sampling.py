@@ -12,7 +12,7 @@ from conftest import ask
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.engine.sampling import RowSettings, penalize_repetition, sample_for, warp
 from minicpmv_demo.engine.seen_tokens import INITIAL_SLOTS, SeenTokens
-from minicpmv_demo.system.zerogpu import decode_batch
+from minicpmv_demo.engine.one_call import decode_batch
 
 VOCAB = 120
 # One batch, every kind of row: greedy, plain sampling, each filter alone, all together.
@@ -138,7 +138,7 @@ def test_a_penalised_greedy_row_in_a_batch_answers_as_generate_does(make_engine,
     assert max(s.stats.batch_size for s in streams) == 3
     unpenalised = make_engine(max_batch=1).submit(chats[0], plain).result(timeout=60)
     assert unpenalised != expected[0], "the penalty changed the answer (else this test proves nothing)"
-    assert engine._seen.held == 0, "finished rows give their slots back"
+    assert engine.sampler.held == 0, "finished rows give their slots back"
 
 
 def test_one_gpu_call_applies_the_penalty_too(loaded_tiny):

@@ -18,7 +18,7 @@ from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.engine.reasoning_budget import ReasoningBudget, ReasoningTags, thinking_limit
 from minicpmv_demo.intake.images import ImageLimits
 from minicpmv_demo.model.loading import thinks_by_default
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
 from minicpmv_demo.engine.reasoning import THINK_CLOSE, THINK_OPEN, split_reasoning
 from minicpmv_demo.config.settings import parse_settings
 
@@ -32,7 +32,7 @@ def chat(text: str, options: PromptOptions = PromptOptions(), history: tuple[Tur
     return Conversation(turns=(*history, Turn("user", text)), options=options)
 
 
-def generate(runner: NativeRunner, ids: list[int], new: int) -> list[int]:
+def generate(runner: MiniCPMV4Runner, ids: list[int], new: int) -> list[int]:
     """Greedy `model.generate` from raw ids: the ground truth the engine's rows must follow."""
     with torch.inference_mode():
         out = runner.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)),
@@ -58,7 +58,7 @@ def test_the_switch_renders_an_open_or_an_empty_closed_block(loaded_tiny):
 
 def test_the_checkpoint_default_applies_when_a_request_does_not_choose(loaded_tiny):
     instruct = loaded_tiny.runner
-    thinking = NativeRunner(instruct.model, instruct.processor, thinks_by_default=True)
+    thinking = MiniCPMV4Runner(instruct.model, instruct.processor, thinks_by_default=True)
     assert not loaded_tiny.thinks_by_default and not instruct.encode(chat("what")).thinking
     assert thinking.encode(chat("what")).thinking
     assert not thinking.encode(chat("what", NO_THINK)).thinking, "a request's choice wins over the default"

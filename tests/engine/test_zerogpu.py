@@ -10,7 +10,8 @@ from pathlib import Path
 
 from conftest import ask
 from minicpmv_demo.engine import FinishReason, SamplingParams
-from minicpmv_demo.system.zerogpu import decode_batch, zerogpu_batch_call
+from minicpmv_demo.engine.one_call import decode_batch
+from minicpmv_demo.system.zerogpu import zerogpu_batch_call
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(max_new_tokens=20)

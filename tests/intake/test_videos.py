@@ -18,7 +18,7 @@ from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.intake.images import ImageLimits
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
 from minicpmv_demo.intake.videos import FRAME_SIDE, VideoLimits, prepare_video, sample_times
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
@@ -162,7 +162,7 @@ def video_question(video, options: PromptOptions = PromptOptions(), text: str = 
 
 
 def test_videos_go_through_the_processors_video_path_at_either_detail(tmp_path, loaded_tiny):
-    runner = NativeRunner(loaded_tiny.runner.model, loaded_tiny.runner.processor)
+    runner = MiniCPMV4Runner(loaded_tiny.runner.model, loaded_tiny.runner.processor)
     video = prepare_video(make_clip(tmp_path / "square.mp4", seconds=3, size=(112, 112)), VideoLimits(), 8)
     config = runner.model.config
     for options, per_frame in ((PromptOptions(), 4), (PromptOptions(downsample_mode="4x"), 16)):

@@ -39,7 +39,7 @@ def test_checked_pictures_are_bounded_by_bytes(tmp_path):
 def test_preprocessed_pictures_and_vision_features_are_bounded_by_bytes(loaded_tiny, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "IMAGE_CACHE_BYTES", 2 * 2**20)
     monkeypatch.setattr(native, "VISION_CACHE_BYTES", 16 * 2**10)
-    runner = native.NativeRunner(loaded_tiny.runner.model, loaded_tiny.runner.processor)
+    runner = native.MiniCPMV4Runner(loaded_tiny.runner.model, loaded_tiny.runner.processor)
     sizes = []
     for index in range(8):
         image = prepare_image(picture(tmp_path / f"photo-{index}.png", 448, index))

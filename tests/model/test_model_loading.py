@@ -1,11 +1,10 @@
-"""Model loading: the tiny model in full precision and int4, the remote-code adapter, clear errors."""
+"""Model loading: the tiny model in full precision and int4, clear errors (MiniCPM-V 2.x: test_minicpmv2_runner.py)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,9 @@ from transformers import GenerationConfig
 
 from conftest import ask
 from minicpmv_demo.web.chat_service import DEFAULT_TOP_P, ChatService
-from minicpmv_demo.intake.conversation import Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.system.gpu import GpuMemory
 from minicpmv_demo.model import ModelLoadError, load_model
-from minicpmv_demo.model.legacy import CHAT_SAMPLING
 from minicpmv_demo.model.sampling_defaults import checkpoint_sampling
 from minicpmv_demo.model.minicpmv4.tiny import GENERATION_SAMPLING, build_word_tokenizer, ensure_tiny_model, save_checkpoint
 from minicpmv_demo.config.settings import Settings
@@ -92,9 +89,28 @@ def test_quantization_keeps_the_vision_tower_merger_and_head_unquantized(quant, 
     outside_text = {kind for name, kind in kinds.items() if not name.startswith("model.language_model.")}
     assert outside_text == {"Linear"}, "vision tower, merger and head stay unquantized"
     assert {kind for name, kind in kinds.items() if name.startswith("model.language_model.")} == {quantized_kind}
+    assert loaded.runner.capturable == (quant == "int4"), "int8's outlier check cannot be captured: eager"
     engine = make_engine(loaded.runner, max_batch=2)
     streams = [engine.submit(ask(q, "chart.png"), SamplingParams(max_new_tokens=6)) for q in ("a", "b")]
     assert all(s.result(timeout=120) for s in streams)
+
+
+def test_int8_says_once_that_it_computes_in_float16(caplog):
+    """bitsandbytes' int8 matmul logs a warning on every call with bf16 input (about 170 lines a
+    decode step of the published model): after loading in int8 it is said once."""
+    import logging
+
+    from minicpmv_demo.model.loading import quiet_int8_cast_warning
+
+    quiet_int8_cast_warning()
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
+        for _ in range(5):
+            bnb_log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.bfloat16")
+        bnb_log.warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("MatMul8bitLt") for m in messages) <= 1, "once per process (an int8 load may have said it)"
+    assert messages[-1] == "something else", "other warnings still show"
 
 
 def test_sampling_defaults_are_what_the_checkpoint_file_sets(loaded_tiny, make_engine, tiny_settings):
@@ -114,79 +130,6 @@ def test_sampling_defaults_are_what_the_checkpoint_file_sets(loaded_tiny, make_e
     assert (clamped.temperature, clamped.top_p, clamped.top_k) == (2.0, DEFAULT_TOP_P, 50), \
         "clamped like a client's; what the file leaves out is the server's own"
     assert ChatService(make_engine(started=False), tiny_settings, GpuMemory()).defaults.top_p == DEFAULT_TOP_P
-
-
-def _write_remote_code_model(folder: Path, tiny: Path) -> None:
-    """A small custom-code model folder following the MiniCPM-V 2.5/2.6 `chat()` contract."""
-    folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((tiny / name).read_bytes())
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "minicpmv", "version": 2.6, "architectures": ["FakeMiniCPMV"],
-        "auto_map": {"AutoConfig": "modeling_fake.FakeConfig", "AutoModel": "modeling_fake.FakeMiniCPMV"},
-    }))
-    (folder / "modeling_fake.py").write_text(textwrap.dedent('''
-        import torch
-        from transformers import PretrainedConfig, PreTrainedModel
-
-        class FakeConfig(PretrainedConfig):
-            model_type = "minicpmv"
-
-        class FakeMiniCPMV(PreTrainedModel):
-            config_class = FakeConfig
-
-            def __init__(self, config):
-                super().__init__(config)
-                self.proj = torch.nn.Linear(2, 2)
-                self.post_init()
-
-            def chat(self, image, msgs, tokenizer, sampling=True, stream=False, max_new_tokens=2048,
-                     **kwargs):
-                assert stream and sampling, "stream=True requires sampling=True"
-                question = msgs[-1]["content"]
-                images = [p for p in question if not isinstance(p, str)]
-                text = [p for p in question if isinstance(p, str)][0]
-                words = ["seen", str(len(images)), "images", "for"] + text.split()
-                words += ["greedy" if not kwargs.get("do_sample", True) else "sampled"]
-                def pieces():
-                    for word in words[:max_new_tokens]:
-                        yield word + " "
-                return pieces()
-    '''))
-    from safetensors.torch import save_file
-
-    save_file({"proj.weight": torch.zeros(2, 2), "proj.bias": torch.zeros(2)}, folder / "model.safetensors",
-              metadata={"format": "pt"})
-
-
-def test_remote_code_model_needs_the_flag_then_runs_through_the_engine(tmp_path, tiny_dir, make_engine):
-    folder = tmp_path / "legacy"
-    _write_remote_code_model(folder, ensure_tiny_model(tiny_dir))
-    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
-        load_model(Settings(model=str(folder)))
-    (folder / "model.safetensors").rename(tmp_path / "weights")
-    with pytest.raises(ModelLoadError, match="no file named model.safetensors"):
-        load_model(Settings(model=str(folder), trust_remote_code=True))
-    (tmp_path / "weights").rename(folder / "model.safetensors")
-    loaded = load_model(Settings(model=str(folder), trust_remote_code=True))
-    assert loaded.runner.supports_batching is False
-    assert loaded.sampling_defaults == CHAT_SAMPLING, "the page starts at the release's chat() settings"
-    engine = make_engine(loaded.runner, max_batch=8)
-    assert engine.max_batch == 1
-    streams = [engine.submit(ask(f"question {i}", "chart.png", "scene.png"), SamplingParams(max_new_tokens=50))
-               for i in range(3)]
-    assert [s.result(timeout=30).split() for s in streams] == [
-        ["seen", "2", "images", "for", "question", str(i), "greedy"] for i in range(3)]
-    assert [s.stats.tokens for s in streams] == [7, 7, 7], "every piece chat() streamed is counted"
-    assert not loaded.thinks_by_default and not any(s.thinking for s in streams), "2.5 / 2.6 never reason"
-    # A chat longer than the model's context loses its oldest exchanges here too.
-    loaded.runner.context_length = 2000
-    filler = " ".join(["the picture shows a house"] * 150)
-    history = tuple(Turn(role, filler) for _ in range(4) for role in ("user", "assistant"))
-    long_chat = make_engine(loaded.runner).submit(ask("and now?", "scene.png", history=history),
-                                                  SamplingParams(max_new_tokens=50))
-    assert long_chat.result(timeout=30) and "left out" in long_chat.notices[0]
-    assert loaded.runner.encode(ask("and now?", "scene.png", history=history)).length > 2000
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -248,3 +191,13 @@ def test_cached_encoding_equals_the_processor(loaded_tiny):
             reference = runner.processor(images=pictures, text=[text], return_tensors="pt")
             assert sorted(mine) == sorted(reference.keys())
             assert all(torch.equal(mine[key], reference[key]) for key in reference.keys())
+
+
+def test_auto_dtype_avoids_float16_for_qwen35_models_on_gpus_without_bf16():
+    from minicpmv_demo.model.loading import choose_dtype
+
+    assert choose_dtype("auto", cuda=False, model_type="minicpmv4_6") == torch.float32
+    assert choose_dtype("auto", cuda=True, model_type="minicpmv4_6", bf16=True) == torch.bfloat16
+    assert choose_dtype("auto", cuda=True, model_type="minicpmv4_6", bf16=False) == torch.float32, "a T4"
+    assert choose_dtype("auto", cuda=True, model_type="minicpmv", bf16=False) == torch.float16, "2.5's own dtype"
+    assert choose_dtype("float16", cuda=True, model_type="minicpmv4_6", bf16=False) == torch.float16, "asked for"

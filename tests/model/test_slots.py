@@ -16,8 +16,9 @@ import torch
 from conftest import ask
 from minicpmv_demo.engine import ReplyError, SamplingParams
 from minicpmv_demo.engine.slots import fill_holes
-from minicpmv_demo.model.graphs import DecodeGraphs, batch_buckets, bucket_for, build_graphs, capture_decode_graphs
-from minicpmv_demo.model.minicpmv4.runner import SlotBatch
+from minicpmv_demo.model.graphs import (DecodeGraphs, batch_buckets, bucket_for, build_graphs, capture_decode_graphs,
+                                        graph_widths)
+from minicpmv_demo.model.batched_runner import SlotBatch
 from minicpmv_demo.model.slot_cache import SlotCache
 from minicpmv_demo.config.settings import parse_settings
 
@@ -141,6 +142,29 @@ def test_max_model_len_bounds_what_a_request_may_hold(make_engine, loaded_tiny):
     assert short.stats.tokens <= limit - runner.encode(CONVERSATIONS[2]).length
 
 
+def test_a_column_written_by_a_step_that_failed_half_way_is_cleared_on_free(loaded_tiny):
+    """A step that runs out of memory mid-forward may have written each row's next column in some
+    layers: the slot's length never grew, so freeing must clear that column too."""
+    runner = loaded_tiny.runner
+    batch = runner.new_slots(1, 64, capture=False)
+    newcomer, _ = runner.prefill([runner.encode(CONVERSATIONS[2])], [[]])
+    runner.merge(batch, newcomer)
+    length = batch.lengths[0]
+    kv_layers = [layer for layer in batch.cache.layers if hasattr(layer, "keys_buffer")]
+    for layer in kv_layers:
+        layer.keys_buffer[0, :, length].fill_(float("nan"))  # the failed step's column
+    runner.empty(batch)
+    assert all(torch.count_nonzero(layer.keys_buffer).item() == 0 for layer in kv_layers)
+
+
+def test_graph_widths_reach_the_slot_length():
+    assert graph_widths(256) == [256]
+    assert graph_widths(1000) == [256, 1000]
+    assert graph_widths(8192) == [256, 1024, 4096, 8192]
+    widths = graph_widths(40_000)
+    assert widths[-1] == 40_000 and all(b == 4 * a for a, b in zip(widths[:-2], widths[1:-1], strict=True))
+
+
 def test_buckets_cover_every_batch_size():
     assert batch_buckets(1) == [1]
     assert batch_buckets(8) == [1, 2, 4, 8]
@@ -162,10 +186,11 @@ def eager_record(step):
 
 def test_a_captured_step_pads_the_batch_to_its_bucket_and_matches_eager(loaded_tiny):
     runner = loaded_tiny.runner
-    eager = runner.new_slots(4, 256, capture=False)
-    graphed = runner.new_slots(4, 256, capture=False)
+    eager = runner.new_slots(4, 300, capture=False)
+    graphed = runner.new_slots(4, 300, capture=False)
     graphed.graphs = build_graphs(runner, graphed.cache, eager_record)
     assert isinstance(graphed.graphs, DecodeGraphs) and graphed.graphs.buckets == [1, 2, 4]
+    assert graphed.graphs.widths == [256, 300] and len(graphed.graphs.replays) == 6
     prompts = [runner.encode(c) for c in CONVERSATIONS[:3]]
     results = []
     for batch in (eager, graphed):
@@ -177,7 +202,8 @@ def test_a_captured_step_pads_the_batch_to_its_bucket_and_matches_eager(loaded_t
             tokens = logits.argmax(dim=-1)
             steps.append(logits)
         results.append(torch.stack(steps))
-    assert graphed.graphs.fits(3, 10) and not graphed.graphs.fits(3, 257) and not graphed.graphs.fits(5, 10)
+    assert graphed.graphs.fits(3, 10) and graphed.graphs.fits(3, 257), "a long row takes the wider graph"
+    assert not graphed.graphs.fits(3, 301) and not graphed.graphs.fits(5, 10)
     torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
     assert int(graphed.cache.lengths[3]) == 0, "the padding row never takes a slot"
 
@@ -221,8 +247,63 @@ def test_max_model_len_and_enforce_eager_settings():
 
 def test_zerogpu_keeps_no_slots_between_calls(make_engine):
     """On ZeroGPU each batch runs inside one lent GPU call: nothing may be preallocated outside it."""
-    from minicpmv_demo.system.zerogpu import decode_batch
+    from minicpmv_demo.engine.one_call import decode_batch
 
     engine = make_engine(max_batch=4, batch_call=decode_batch)
     assert engine._batch is None
     assert engine.submit(CONVERSATIONS[2], SamplingParams(max_new_tokens=5, temperature=0.0)).result(timeout=60)
+
+
+def test_each_layers_slots_live_on_that_layers_device(loaded_tiny):
+    """With --device-map auto over several GPUs, layer i's keys and states sit on layer i's GPU and
+    the columns each row writes at are mirrored there; such a spread model is never captured.
+    (The CPU has one device: the second here is `meta`, which allocates nothing.)"""
+    runner = loaded_tiny.runner
+    config = runner.model.config.text_config
+    devices = [torch.device("cpu"), torch.device("meta")]
+    cache = SlotCache(config, 2, 16, torch.float32, "cpu", layer_devices=devices)
+    for index, layer in enumerate(cache.layers):
+        buffer = cache.conv_buffers[index] if index in cache.conv_buffers else layer.keys_buffer
+        assert buffer.device == devices[index]
+    assert cache.spread and set(cache.step_index) == set(devices)
+    cache.set_length(1, 5)
+    cache.advance(2)
+    assert cache.lengths.tolist() == [1, 6] and cache.step_index[torch.device("meta")][1].device.type == "meta"
+    cache.activate(1, 8)
+    rows, columns = cache.step_index[torch.device("cpu")]
+    assert rows.tolist() == [0] and columns.tolist() == [1], "a step's view of the first rows, per device"
+    assert capture_decode_graphs(runner, cache) is None
+    assert [d.type for d in runner.devices] == ["cpu"], "the tiny model lives on one device"
+
+
+def test_a_row_growing_past_a_width_moves_the_batch_to_the_wider_graph(loaded_tiny):
+    """Rows stay on the captured path whatever their length: past the first width (256 columns)
+    the step replays the graph of the next width, and the logits still equal eager's."""
+    runner = loaded_tiny.runner
+    used = []
+
+    def counting_record(step):
+        replay, output = eager_record(step)
+        width = len(used)  # recorded widest first: index the replays by order of recording
+        used.append(0)
+        return (lambda index=width: (used.__setitem__(index, used[index] + 1), replay())[1]), output
+
+    eager = runner.new_slots(2, 300, capture=False)
+    graphed = runner.new_slots(2, 300, capture=False)
+    graphed.graphs = build_graphs(runner, graphed.cache, counting_record)
+    order = list(graphed.graphs.replays)  # (bucket, width) in the order recorded
+    long_prompt = runner.encode(ask(" ".join(["house"] * 243)))
+    assert 240 < long_prompt.length < 256
+    results = []
+    for batch in (eager, graphed):
+        newcomer, logits = runner.prefill([long_prompt, runner.encode(CONVERSATIONS[2])], [[], []])
+        runner.merge(batch, newcomer)
+        tokens, steps = logits.argmax(dim=-1), []
+        for _ in range(256 - long_prompt.length + 4):
+            logits = runner.step(batch, tokens)
+            tokens = logits.argmax(dim=-1)
+            steps.append(logits)
+        results.append(torch.stack(steps))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    replayed = {key for key, count in zip(order, used, strict=True) if count}
+    assert replayed == {(2, 256), (2, 300)}, "the narrow graph first, then the wider one; never eager"

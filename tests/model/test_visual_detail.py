@@ -8,8 +8,6 @@ The tiny model's image processor cuts 112-px slices, so a 112x112 picture is one
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from PIL import Image
 
@@ -17,8 +15,7 @@ from conftest import wait_until
 from minicpmv_demo.intake.conversation import Conversation, PromptOptions, Turn
 from minicpmv_demo.engine import SamplingParams
 from minicpmv_demo.intake.images import prepare_image
-from minicpmv_demo.model.legacy import LegacyRunner
-from minicpmv_demo.model.minicpmv4.runner import NativeRunner, _visual_key
+from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner, _visual_key
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
@@ -37,14 +34,14 @@ def question(image, options: PromptOptions = PromptOptions(), text: str = "What 
     return Conversation(turns=(Turn("user", text, images=(image,)),), options=options)
 
 
-def placeholders(runner: NativeRunner, conversation: Conversation) -> int:
+def placeholders(runner: MiniCPMV4Runner, conversation: Conversation) -> int:
     ids = runner.encode(conversation).inputs["input_ids"][0]
     return int((ids == runner.model.config.image_token_id).sum())
 
 
-def fresh_runner(loaded) -> NativeRunner:
+def fresh_runner(loaded) -> MiniCPMV4Runner:
     """A runner of its own (empty caches) on the shared tiny model."""
-    return NativeRunner(loaded.runner.model, loaded.runner.processor)
+    return MiniCPMV4Runner(loaded.runner.model, loaded.runner.processor)
 
 
 def test_fine_detail_gives_four_times_the_visual_tokens_and_another_vision_output(tmp_path, loaded_tiny):
@@ -114,40 +111,3 @@ def test_a_long_prompt_prefilled_in_pieces_keeps_its_settings(tmp_path, make_eng
     assert wait_until(lambda: engine.active_rows == 1)
     assert engine.submit(fine, GREEDY).result(timeout=60) == alone
     busy.cancel()
-
-
-class SliceEcho:
-    """A MiniCPM-V 2.6-style model whose chat() names `max_slice_nums` and says what it got."""
-
-    config = SimpleNamespace(version=2.6, max_position_embeddings=8192, query_num=64,
-                             slice_config=SimpleNamespace(max_slice_nums=9))
-
-    def chat(self, image, msgs, tokenizer, sampling=True, stream=False, max_new_tokens=2048,
-             max_slice_nums=None, **kwargs):
-        return iter([f"slices {max_slice_nums} ", "extra " + " ".join(sorted(kwargs))])
-
-
-class NoSlices(SliceEcho):
-    """A MiniCPM-V 2.5-style chat(): no `max_slice_nums`, everything else goes to generate()."""
-
-    config = SimpleNamespace(version=2.5, max_position_embeddings=8192, query_num=96)
-
-    def chat(self, image, msgs, tokenizer, sampling=True, stream=False, max_new_tokens=2048, **kwargs):
-        return iter(["extra " + " ".join(sorted(kwargs))])
-
-
-def test_legacy_models_take_the_slice_count_where_chat_does(tmp_path, loaded_tiny):
-    tokenizer = loaded_tiny.runner.tokenizer
-    image = picture(tmp_path, 224)
-    options = PromptOptions(downsample_mode="4x", max_slice_nums=2)
-    echo = LegacyRunner(SliceEcho(), tokenizer)
-    reply = "".join(echo.stream(echo.encode(question(image, options)), GREEDY, lambda: False))
-    assert reply.startswith("slices 2 ") and "downsample" not in reply
-    assert "".join(echo.stream(echo.encode(question(image)), GREEDY, lambda: False)).startswith("slices None ")
-    turn = question(image).turns[0]
-    assert echo.turn_length(turn, options) < echo.turn_length(turn, PromptOptions())  # 3 slices' tokens, not 10
-    plain = LegacyRunner(NoSlices(), tokenizer)
-    reply = "".join(plain.stream(plain.encode(question(image, options)), GREEDY, lambda: False))
-    assert reply.startswith("extra ") and "max_slice_nums" not in reply
-    assert plain.turn_length(turn, options) == plain.turn_length(turn, PromptOptions())
-    assert not echo.reads_video and loaded_tiny.runner.reads_video

@@ -278,3 +278,20 @@ def test_vllm_metrics_are_read_from_the_prometheus_text():
     values = prometheus_values(text)
     assert values["vllm:kv_cache_usage_perc"] == 0.25 and values["vllm:num_requests_running"] == 5.0
     assert values["vllm:num_requests_waiting"] == 1.0
+
+
+def test_a_request_the_backend_refuses_is_a_400_at_the_front(tiny_settings, loaded_tiny):
+    """The backend's 400 (a prompt longer than its context) stays a 400 through the front's API:
+    a 500 would be retried unchanged by the openai SDK."""
+    port = free_port()
+    backend = build_app(replace(tiny_settings, cache_size=0, max_model_len=256), loaded_tiny)
+    backend.launch(server_port=port, quiet=True)
+    front, url = start_front(f"http://127.0.0.1:{port}/v1")
+    try:
+        client = openai.OpenAI(base_url=f"{url}v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="refused this request: This message is too long"):
+            client.chat.completions.create(model="tiny", max_tokens=8,
+                                           messages=[{"role": "user", "content": "the sea and the sky " * 200}])
+    finally:
+        front.close()
+        backend.close()

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from conftest import HeldRunner, launch_app, run_concurrently, wait_until
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -159,3 +160,47 @@ def test_chat_needs_only_the_message(served):
     assert required <= {"message"}, required
     assert client.predict(message={"text": "Describe it.", "files": [handle_file(str(ASSETS / "chart.png"))]},
                           api_name="/chat")
+
+
+def test_a_broken_gpu_takes_health_down_and_ends_the_process(tiny_settings, loaded_tiny):
+    """A sticky device error: /health answers 503 (engine down) and the server asks for its exit,
+    so that its supervisor or the Space restarts it."""
+    import httpx
+
+    from conftest import OutOfMemoryModel
+    from minicpmv_demo.model.minicpmv4.runner import MiniCPMV4Runner
+
+    class Broken(OutOfMemoryModel):
+        def check(self, input_ids) -> None:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    runner = MiniCPMV4Runner(Broken(loaded_tiny.runner.model, max_rows=8), loaded_tiny.runner.processor)
+    from dataclasses import replace
+
+    app, url = launch_app(tiny_settings, replace(loaded_tiny, runner=runner))
+    reasons: list[str] = []
+    app.engine.on_fatal = reasons.append  # the real one ends this process (see the next test)
+    try:
+        client = Client(url, verbose=False)
+        with pytest.raises(AppError, match="GPU failed"):
+            client.predict(message={"text": "hello", "files": []}, history=[], max_new_tokens=8,
+                           temperature=0.0, top_p=1.0, api_name="/chat")
+        assert reasons and "illegal memory access" in reasons[0]
+        assert wait_until(lambda: httpx.get(f"{url}health", timeout=10).status_code == 503)
+        assert httpx.get(f"{url}health", timeout=10).json()["status"] == "engine down"
+        client.close()
+    finally:
+        app.close()
+
+
+def test_exit_for_restart_ends_the_process_with_its_status():
+    import subprocess
+    import sys
+
+    from minicpmv_demo.web.server import RESTART_EXIT_CODE
+
+    code = ("import time; from minicpmv_demo.web.server import exit_for_restart; "
+            "exit_for_restart('test'); time.sleep(60)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], timeout=120,
+                          capture_output=True)
+    assert done.returncode == RESTART_EXIT_CODE

@@ -112,3 +112,28 @@ def test_no_route_reaches_the_model_outside_the_queue(open_app):
     direct = httpx.post(f"{url}gradio_api/api/chat", json={"data": [{"text": "hi", "files": []}, [], 4, 0, 1]},
                         timeout=10)
     assert direct.status_code >= 400
+
+
+def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(tiny_settings, loaded_tiny):
+    """Without --trusted-proxy a client on this machine cannot pose as many addresses to escape
+    the login throttle; behind the proxy it names, the header names each client."""
+    outcomes = {}
+    for proxy in ("", "127.0.0.1"):
+        app, url = launch_app(replace(tiny_settings, auth="ann:pw", login_failures=3, trusted_proxy=proxy),
+                              loaded_tiny)
+        try:
+            outcomes[proxy] = [httpx.get(f"{url}v1/models", timeout=10, headers={
+                "authorization": "Bearer wrong", "x-forwarded-for": f"10.0.0.{i}"}).status_code for i in range(6)]
+        finally:
+            app.close()
+    assert outcomes[""] == [401] * 3 + [429] * 3, "one address, whatever the header says"
+    assert outcomes["127.0.0.1"] == [401] * 6, "six clients behind the proxy, one failure each"
+
+
+def test_trusted_proxy_must_be_addresses():
+    from minicpmv_demo.config.settings import parse_settings
+
+    assert parse_settings(["--trusted-proxy", "10.0.0.2, 10.1.0.0/16,::1"], environ={}).trusted_proxies == (
+        "10.0.0.2", "10.1.0.0/16", "::1")
+    with pytest.raises(SystemExit):
+        parse_settings(["--trusted-proxy", "proxy.local"], environ={})

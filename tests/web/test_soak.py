@@ -15,8 +15,11 @@ import soak  # noqa: E402
 
 
 def test_short_soak_loses_nothing_and_leaks_no_threads(tiny_dir, tmp_path):
+    """12 users, 6 requests each: every user's mix comes from its own seed, so the same kinds of
+    request are sent on any machine, however fast."""
     with soak.launched_app(concurrency=12, tiny_model_dir=tiny_dir) as (url, pid):
-        result = soak.run(url, pid, users=12, duration=15, scratch=tmp_path)
+        result = soak.run(url, pid, users=12, duration=600, rounds=6, scratch=tmp_path)
+    assert result["sent"] == 12 * 6, result
     assert result["lost"] == 0, result
     assert result["completed"] >= 10 and result["rejected"] >= 1 and result["cancelled"] >= 1, result
     assert result["abandoned"] >= 1, result

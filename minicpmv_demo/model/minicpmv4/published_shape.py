@@ -40,7 +40,7 @@ def published_config(text_layers: int = 0, vision_layers: int = 0):
 
 
 def random_published_runner(device: str, dtype, text_layers: int = 0, vision_layers: int = 0):
-    """A `NativeRunner` over the published shape with random weights, built in memory on `device`.
+    """A `MiniCPMV4Runner` over the published shape with random weights, built in memory on `device`.
 
     The tokenizer is the tiny model's word vocabulary padded with made-up words to the full
     vocabulary (every id decodes to one word that encodes back to one token); the processor
@@ -50,7 +50,7 @@ def random_published_runner(device: str, dtype, text_layers: int = 0, vision_lay
     import torch
     from transformers import MiniCPMV4_6ForConditionalGeneration
 
-    from .runner import NativeRunner
+    from .runner import MiniCPMV4Runner
     from .tiny import build_processor, build_word_tokenizer, multimodal_token_ids
 
     config = published_config(text_layers, vision_layers)
@@ -73,4 +73,4 @@ def random_published_runner(device: str, dtype, text_layers: int = 0, vision_lay
 
     read_per_token = count(model.get_decoder()) - count(model.get_input_embeddings()) \
         + count(model.get_output_embeddings())
-    return NativeRunner(model, processor), count(model), read_per_token
+    return MiniCPMV4Runner(model, processor), count(model), read_per_token

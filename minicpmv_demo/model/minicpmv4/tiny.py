@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..built_checkpoints import default_cache_dir, ensure_built
 
 if TYPE_CHECKING:  # transformers is imported lazily: `app.py --help` stays fast
     from transformers import MiniCPMV4_6Processor, TokenizersBackend
@@ -97,34 +97,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def default_cache_dir() -> Path:
-    """Where built models live unless --tiny-model-dir says otherwise."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "minicpmv-demo"
-
-
 def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the tiny checkpoint folder, building it first if this version is not there yet.
-
-    Built in a temporary sibling folder and renamed into place, so two processes starting at
-    once (tests, a second app) never see a half-written checkpoint.
-    """
+    """Return the tiny checkpoint folder, building it first if this version is not there yet."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    target = root / f"tiny-minicpmv4_6-{TINY_MODEL_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=root))
-    try:
-        build_tiny_model(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return ensure_built(root / f"tiny-minicpmv4_6-{TINY_MODEL_VERSION}", build_tiny_model)
 
 
 def build_tiny_model(folder: Path) -> None:
