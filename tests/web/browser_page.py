@@ -48,19 +48,35 @@ def set_settings(page, max_tokens: int | None = None, temperature: float | None 
     the tiny model's random-word replies run to the token limit, so a reply can be stopped."""
     page.get_by_text("Generation settings").click()
     settings = page.locator("#generation-settings")
-    for label, value in (("Max new tokens", max_tokens), ("Temperature", temperature)):
-        if value is not None:
-            box = settings.get_by_label(label, exact=False).first
-            box.fill(str(value))
-            box.press("Enter")
-    if thinking is not None:
-        settings.get_by_label("Thinking").set_checked(thinking)
     summary = page.locator("#settings-summary")
     if max_tokens is not None:
-        expect(summary).to_contain_text(f"up to {max_tokens} new tokens")
+        fill_slider(settings.get_by_label("Max new tokens", exact=False).first, max_tokens, summary,
+                    f"up to {max_tokens} new tokens")
+    if temperature is not None:
+        fill_slider(settings.get_by_label("Temperature", exact=False).first, temperature, summary,
+                    "greedy" if not temperature else f"temperature {temperature:g}")
     if thinking is not None:
+        settings.get_by_label("Thinking").set_checked(thinking)
         expect(summary).to_contain_text("thinking on" if thinking else "thinking off")
     page.get_by_text("Generation settings").click()
+
+
+def fill_slider(box, value: float, summary, shown: str, tries: int = 5) -> None:
+    """Type a slider's value into its number box until the summary line shows it. A slider the
+    accordion has just opened can still be mounting, and its first value then replaces what was
+    typed in its first milliseconds (no visitor types that fast); typing again is what a visitor
+    would do."""
+    for _ in range(tries - 1):
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            expect(summary).to_contain_text(shown, timeout=2_000)
+            return
+        except AssertionError:
+            continue
+    box.fill(str(value))
+    box.press("Enter")
+    expect(summary).to_contain_text(shown)
 
 
 def attach(page, *files: str | Path) -> None:

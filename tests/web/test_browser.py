@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 
 from browser_page import (DESKTOP, PHONE, SEND, STOP, assert_no_error_state, ask, chromium_missing, contrast_on_white_js,
                           expect, feet, last_foot_text, open_page, reply_action, set_settings, wait_answered)
+from conftest import wait_until
 from minicpmv_demo.web.style import FAVICON
 
 pytestmark = pytest.mark.skipif(chromium_missing, reason="no Chromium (apt-get install chromium)")
@@ -150,7 +152,7 @@ def test_copy_copies_the_answer_alone(browser, url):
     ask(page, "Something to copy")
     wait_answered(page, 1)
     reply_action(page, "copy").click()
-    expect(reply_action(page, "copy")).to_have_class(__import__("re").compile("done"))
+    expect(reply_action(page, "copy")).to_have_class(re.compile("done"))
     copied = page.evaluate("navigator.clipboard.readText()")
     answer = page.locator("#chatbot .bot-row [data-testid='bot'] > .message-content").first.inner_text().strip()
     assert copied == answer and "tok/s" not in copied, (copied, answer)
@@ -166,6 +168,13 @@ def test_feedback_logs_the_servers_own_reply(browser, page_app):
     entries = [json.loads(line) for line in page_app.feedback_log.read_text().splitlines()]
     assert entries[-1]["rating"] == "like" and entries[-1]["question"] == "Rate this answer, please"
     assert entries[-1]["model"] == "tiny" and "tok/s" not in entries[-1]["answer"]
+    reply_action(page, "dislike").click()  # a change of mind is logged too (a few times at most per reply)
+
+    def ratings() -> list[str]:
+        lines = [json.loads(line) for line in page_app.feedback_log.read_text().splitlines()]
+        return [entry["rating"] for entry in lines if entry["question"] == "Rate this answer, please"]
+
+    assert wait_until(lambda: ratings() == ["like", "dislike"], timeout=30), ratings()
     page.close()
 
 
