@@ -9,7 +9,7 @@ import os
 import statistics
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,38 @@ def say(message: str) -> None:
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+@dataclass
+class Burst:
+    """What a burst of requests gave back: each reply ("" where it failed), the failures, timings."""
+
+    texts: list[str]
+    errors: list[str]
+    tokens: int
+    wall_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+
+
+def await_all(streams: list, started: float) -> Burst:
+    """Wait for every reply of a burst submitted at `started`: a failed request is counted and
+    shown, never the end of the run."""
+    from minicpmv_demo.engine import ReplyError
+
+    texts, errors = [], []
+    for stream in streams:
+        try:
+            texts.append(stream.result(timeout=600))
+        except ReplyError as exc:
+            texts.append("")
+            errors.append(str(exc))
+    wall = time.perf_counter() - started
+    if errors:
+        say(f"{len(errors)} of {len(streams)} requests failed, e.g.: {errors[0]}")
+    ttfts = [(s.first_text_at or s.submitted_at) - s.submitted_at for s in streams]
+    return Burst(texts, errors, sum(s.stats.tokens for s in streams if s.stats), wall,
+                 statistics.median(ttfts), percentile(ttfts, 0.95))
 
 
 def synchronize(device: str) -> None:
@@ -104,28 +136,16 @@ class Bench:
 
     def burst(self, engine, count: int, sampled_share: float = 0.5, new_tokens: int | None = None) -> dict:
         """`count` image requests at once (every other one sampled when `sampled_share`); waits for all."""
-        from minicpmv_demo.engine import ReplyError
-
         reset_peak(self.device)
         params = [self.sampled if i % 2 and sampled_share else self.greedy for i in range(count)]
         if new_tokens:
             params = [replace(p, max_new_tokens=new_tokens) for p in params]
         started = time.perf_counter()
         streams = [engine.submit(self.chats[i % len(self.chats)], params[i]) for i in range(count)]
-        texts, errors = [], []
-        for stream in streams:  # a failed request is counted and shown, never the end of the run
-            try:
-                texts.append(stream.result(timeout=600))
-            except ReplyError as exc:
-                texts.append("")
-                errors.append(str(exc))
-        wall = time.perf_counter() - started
-        if errors:
-            say(f"{len(errors)} of {count} requests failed, e.g.: {errors[0]}")
-        ttfts = [(s.first_text_at or s.submitted_at) - s.submitted_at for s in streams]
-        tokens = sum(s.stats.tokens for s in streams if s.stats)
-        return {"count": count, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-                "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": percentile(ttfts, 0.95),
+        done = await_all(streams, started)
+        texts, errors = done.texts, done.errors
+        return {"count": count, "tokens": done.tokens, "wall_s": done.wall_s, "tokens_per_s": done.tokens / done.wall_s,
+                "ttft_p50_s": done.ttft_p50_s, "ttft_p95_s": done.ttft_p95_s,
                 "peak_mb": peak_mb(self.device), "errors": len(errors), "first_error": errors[0] if errors else None,
                 "sampled": sum(not p.greedy for p in params),
                 "greedy_texts": [t for t, p in zip(texts, params, strict=True) if p.greedy]}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import replace
@@ -33,23 +32,14 @@ from pathlib import Path
 
 import torch
 
+from engine_bench import await_all, say  # beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ["chart.png", "receipt.png", "diagram.png", "scene.png"]
 QUESTIONS = ["Describe this image.", "What stands out here?", "Summarise what you see.", "What is shown?"]
 # The share of the capped memory the engine may fill with its caches (the app's --gpu-memory-utilization).
 UTILIZATION = 0.9
 FLOOR_SPEEDUP_AT_8 = 5.0
-STARTED = time.perf_counter()
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - STARTED:6.1f}s] {message}", flush=True)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
 
 class Bench:
     """The runner, its chats and requests, and the memory cap, shared by every measurement."""
@@ -100,8 +90,6 @@ class Bench:
 
     def burst(self, engine, count: int, new_tokens: int | None = None) -> dict:
         """`count` picture requests at once (every other one sampling); waits for all of them."""
-        from minicpmv_demo.engine import ReplyError
-
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -110,19 +98,10 @@ class Bench:
             params = [replace(p, max_new_tokens=new_tokens) for p in params]
         started = time.perf_counter()
         streams = [engine.submit(self.chats[i], params[i]) for i in range(count)]
-        errors = []
-        for stream in streams:  # a failed request is counted and shown, never the end of the run
-            try:
-                stream.result(timeout=600)
-            except ReplyError as exc:
-                errors.append(str(exc))
-        wall = time.perf_counter() - started
-        if errors:
-            say(f"{len(errors)} of {count} requests failed, e.g.: {errors[0]}")
-        ttfts = [(s.first_text_at or s.submitted_at) - s.submitted_at for s in streams]
-        tokens = sum(s.stats.tokens for s in streams if s.stats)
-        return {"requests": count, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-                "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": percentile(ttfts, 0.95), "failed": len(errors),
+        done = await_all(streams, started)
+        return {"requests": count, "tokens": done.tokens, "seconds": done.wall_s,
+                "tokens_per_s": done.tokens / done.wall_s, "ttft_p50_s": done.ttft_p50_s,
+                "ttft_p95_s": done.ttft_p95_s, "failed": len(done.errors),
                 "largest_batch": max((s.stats.batch_size for s in streams if s.stats), default=0),
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None}
 

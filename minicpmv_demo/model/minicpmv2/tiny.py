@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from ..built_checkpoints import default_cache_dir, ensure_built
@@ -95,12 +96,18 @@ INT4_SKIP_MODULES = ["vpm", "resampler", "lm_head"]
 
 def ensure_tiny_v25(cache_dir: str | os.PathLike | None = None, quantized: bool = False) -> Path:
     """The tiny 2.5 checkpoint folder (`quantized`: its int4 twin), built first if not cached."""
-    name = f"tiny-minicpmv2_5{'-int4' if quantized else ''}-{TINY_V25_VERSION}"
+    return _ensure("tiny-minicpmv2_5", TINY_V25_VERSION, cache_dir, quantized, build_tiny_v25, build_tiny_v25_int4)
+
+
+def _ensure(stem: str, version: str, cache_dir: str | os.PathLike | None, quantized: bool,
+            build: Callable[[Path], None], build_int4: Callable[[Path, Path], None]) -> Path:
+    """The cached folder `<stem>[-int4]-<version>`, built first if missing; the int4 twin is
+    quantized from the 16-bit folder, itself built first if missing."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    if quantized:
-        source = ensure_tiny_v25(root)
-        return ensure_built(root / name, lambda folder: build_tiny_v25_int4(source, folder))
-    return ensure_built(root / name, build_tiny_v25)
+    source = ensure_built(root / f"{stem}-{version}", build)
+    if not quantized:
+        return source
+    return ensure_built(root / f"{stem}-int4-{version}", lambda folder: build_int4(source, folder))
 
 
 def build_tiny_v25(folder: str | os.PathLike) -> None:
@@ -112,17 +119,24 @@ def build_tiny_v25(folder: str | os.PathLike) -> None:
 
     folder = Path(folder)
     tokenizer = build_v25_tokenizer()
-    config_dict = v25_config_dict(tokenizer)
-    config = MiniCPMV25Config(**{**config_dict, "initializer_range": TINY_INIT_STD})
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)
-        model = MiniCPMV25(config)
-    model.to(torch.float16).save_pretrained(folder)
-    _write_json(folder / "config.json", config_dict)
+    _save_random_weights(folder, MiniCPMV25Config, MiniCPMV25, v25_config_dict(tokenizer), torch.float16)
     _write_json(folder / "generation_config.json", {"_from_model_config": True, "bos_token_id": tokenizer.bos_token_id,
                                                     "eos_token_id": tokenizer.eos_token_id})
     save_v25_tokenizer(tokenizer, folder)
     _write_json(folder / "preprocessor_config.json", v25_preprocessor_dict())
+
+
+def _save_random_weights(folder: Path, config_class, model_class, config_dict: dict, dtype) -> None:
+    """Seeded random weights of `config_dict`'s shapes saved in `dtype`, and config.json as the
+    release writes it (without the tiny model's larger initializer range)."""
+    import torch
+
+    config = config_class(**{**config_dict, "initializer_range": TINY_INIT_STD})
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)
+        model = model_class(config)
+    model.to(dtype).save_pretrained(folder)
+    _write_json(folder / "config.json", config_dict)
 
 
 def build_tiny_v25_int4(source: str | os.PathLike, folder: str | os.PathLike) -> None:
@@ -297,12 +311,7 @@ TINY_V26_VISION = {**TINY_VISION, "model_type": "siglip"}
 
 def ensure_tiny_v26(cache_dir: str | os.PathLike | None = None, quantized: bool = False) -> Path:
     """The tiny 2.6 checkpoint folder (`quantized`: its int4 twin), built first if not cached."""
-    name = f"tiny-minicpmv2_6{'-int4' if quantized else ''}-{TINY_V26_VERSION}"
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    if quantized:
-        source = ensure_tiny_v26(root)
-        return ensure_built(root / name, lambda folder: build_tiny_v26_int4(source, folder))
-    return ensure_built(root / name, build_tiny_v26)
+    return _ensure("tiny-minicpmv2_6", TINY_V26_VERSION, cache_dir, quantized, build_tiny_v26, build_tiny_v26_int4)
 
 
 def build_tiny_v26(folder: str | os.PathLike) -> None:
@@ -314,13 +323,7 @@ def build_tiny_v26(folder: str | os.PathLike) -> None:
 
     folder = Path(folder)
     tokenizer = build_v26_tokenizer()
-    config_dict = v26_config_dict(tokenizer)
-    config = MiniCPMV26Config(**{**config_dict, "initializer_range": TINY_INIT_STD})
-    with torch.random.fork_rng():
-        torch.manual_seed(SEED)
-        model = MiniCPMV26(config)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    _write_json(folder / "config.json", config_dict)
+    _save_random_weights(folder, MiniCPMV26Config, MiniCPMV26, v26_config_dict(tokenizer), torch.bfloat16)
     _write_json(folder / "generation_config.json", {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
                                                     "eos_token_id": tokenizer.eos_token_id})
     _save_tokenizer(tokenizer, folder, V26_CHAT_TEMPLATE, {"clean_up_tokenization_spaces": False,
