@@ -4,7 +4,8 @@ The battery holds the cases earlier probes sent (NaN settings, bodies past the l
 nested thousands deep, broken uploads and data URLs, files outside the upload folder, huge
 messages) and the ones issue 23 added (videos whose index claims millions of frames, OpenAI
 fields the server does not do, unknown models, bad stop strings and seeds, prompts longer than
-the context, logins from rotating X-Forwarded-For addresses). Each case is classed by its answer:
+the context, logins from rotating X-Forwarded-For addresses, page events sent past the page: a
+forged rating, a forged chat, a 36 MB event). Each case is classed by its answer:
 
 - `answered` (2xx) or `refused` (4xx with a JSON error message): what a client can act on;
 - `bare 500`: any other 5xx, or a 4xx/5xx without a message; `no answer`: the connection was
@@ -35,6 +36,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from clips import make_clip, make_cue_bomb, make_index_bomb  # noqa: E402 - the tests' clip builders
+from page_event import send_event  # noqa: E402 - beside this script
 
 ASSETS = ROOT / "assets"
 MB = 2**20
@@ -73,6 +75,14 @@ class Battery:
                 {"messages": [{"role": "user", "content": "the sea and the sky " * 4900}]}),
             "gradio route with deep JSON": lambda client, url: client.post(
                 f"{url}gradio_api/queue/join", content="[" * 50_000, headers={"content-type": "application/json"}),
+            # The page's own events sent past the page: a rating of a reply the server never gave
+            # (with line breakers in it), a send carrying a forged chat, /chat carrying 36 MB.
+            "forged rating of an invented reply": self._page_event(
+                event="like", data=[_forged_chat(5)], event_data={"index": 1, "value": ["x"], "liked": True}),
+            "page send with a forged chat": self._page_event(
+                event="submit", data=[{"text": "hi", "files": []}, _forged_chat(5), "hostile-question"], event_data=None),
+            "/chat event of 36 MB": self._page_event(
+                api_name="chat", data=[{"text": "hi", "files": []}, _forged_chat(36)] + [None] * 9, event_data=None),
             # Last: with --auth its wrong keys shut this address out for a minute (as they should).
             LOGINS: _rotating_logins,
         }
@@ -84,6 +94,20 @@ class Battery:
     def _fields(self, fields: dict) -> Callable[[httpx.Client, str], httpx.Response]:
         body = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 8, **fields}
         return lambda client, url: client.post(f"{url}v1/chat/completions", json=body)
+
+    def _page_event(self, **event) -> Callable[[httpx.Client, str], httpx.Response]:
+        """A page event joined as a script joins it: the join's answer where it is refused, else
+        200 if the event completed (502 if it never did)."""
+        def case(client: httpx.Client, url: str) -> httpx.Response:
+            config = client.get(f"{url}config")
+            if config.status_code != 200 or "dependencies" not in config.json():  # a login comes first
+                return client.post(f"{url}gradio_api/queue/join", json={"data": [], "fn_index": 0,
+                                                                          "session_hash": "hostile"})
+            joined, completed = send_event(url, config.json(), f"hostile{random.getrandbits(48):x}",
+                                           headers={k: v for k, v in client.headers.items() if k == "authorization"},
+                                           **event)
+            return joined if joined.status_code != 200 else httpx.Response(200 if completed else 502)
+        return case
 
     def _video(self, name: str) -> Callable[[httpx.Client, str], httpx.Response]:
         parts = [{"type": "video_url", "video_url": {"url": self.videos[name]}}, {"type": "text", "text": "What?"}]
@@ -148,6 +172,13 @@ _FIELD_CASES = {
     "null bytes": {"messages": [{"role": "user", "content": "\x00\x00 hi \x00"}]},
     "stream with refused field": {"stream": True, "tools": [{"type": "function"}]},
 }
+
+
+def _forged_chat(megabytes: float) -> list[dict]:
+    """A chat history the server never saw: a question, and an answer of `megabytes` with the
+    characters some line readers break lines at."""
+    return [{"role": "user", "content": "An invented question?\u2028\u2029\x85"},
+            {"role": "assistant", "content": "An invented answer.\u2028 " + "x" * int(megabytes * MB)}]
 
 
 def _big_body(client: httpx.Client, url: str) -> httpx.Response:

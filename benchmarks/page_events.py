@@ -28,25 +28,15 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import soak  # noqa: E402  (the app in its own process)
+from page_event import send_event  # noqa: E402
 
 
-def send(url: str, config: dict, session: str, *, api_name: str | None, event: str | None, data: list,
-         event_data: dict | None) -> str:
-    """One event, as a script sends it; returns how it ended ("completed", or the HTTP status)."""
-    dependency = next(d for d in config["dependencies"]
-                      if (api_name and d.get("api_name") == api_name) or
-                      (event and any(t[1] == event for t in d["targets"])))
-    body = json.dumps({"data": data, "event_data": event_data, "fn_index": dependency["id"], "session_hash": session,
-                       "trigger_id": dependency["targets"][0][0] if dependency["targets"] else None})
-    joined = httpx.post(f"{url}gradio_api/queue/join", content=body, timeout=120,
-                        headers={"content-type": "application/json", "x-gradio-user": "app"})
+def send(url: str, config: dict, session: str, **event) -> str:
+    """One event; how it ended: "completed", "no completion", or the HTTP status of a refused join."""
+    joined, completed = send_event(url, config, session, **event)
     if joined.status_code != 200:
         return f"HTTP {joined.status_code}"
-    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=300) as stream:
-        for line in stream.iter_lines():
-            if "process_completed" in line:
-                return "completed"
-    return "no completion"
+    return "completed" if completed else "no completion"
 
 
 def run(url: str, pid: int, events: int, megabytes: float, threads: int, feedback_log: Path) -> dict:
