@@ -23,23 +23,32 @@ from ..engine import FinishReason, ReplyError, ReplyStream
 from ..intake.message import InputError, check_file, content_parts, file_path
 from ..intake.videos import is_video_path
 from .chat_service import ChatService
-from .chat_view import (ReplyView, error_note, foot, reply_id_of, split_last_user_turn, stats_foot, user_bubbles,
-                        waiting_note)
+from .chat_view import (ReplyView, error_note, foot, input_placeholder, reply_id_of, split_last_user_turn,
+                        stats_foot, user_bubbles, waiting_note)
 from .feedback import RATINGS, AnsweredReplies, FeedbackLog
-from .questions import LiveQuestions, WaitingQuestion, WaitingQuestions
+from .questions import Key, LiveQuestions, WaitingQuestion, WaitingQuestions, question_key
 from .waiting import WaitingLine
 
 ANSWERING_PLACEHOLDER = "Answering… press ■ to stop. You can type your next question; send it when the answer ends."
 MORE_TOKENS = "more-tokens:"  # the option under a reply that ran out of tokens while thinking, + the count
+# What keeping a waiting question costs beyond its text, counted against WaitingQuestions' bound.
+ENTRY_CHARS, FILE_CHARS = 1_000, 1_000
 RESIZED = re.compile(r"^(?P<name>.+) was downscaled from \S+ to \S+\.$")
 
 # What `ask` and its siblings return: the chat, the box and the question id.
 Asked = tuple
+NOT_ASKED = (gr.skip(), gr.skip(), gr.skip())
 
 
 def busy_box(value: dict | None = None) -> dict:
     """The box while a reply streams: Stop in place of Send; emptied when a question was sent."""
     update = {"submit_btn": False, "stop_btn": True, "placeholder": ANSWERING_PLACEHOLDER}
+    return gr.update(**update) if value is None else gr.update(value=value, **update)
+
+
+def idle_box(service: ChatService, value: dict | None = None) -> dict:
+    """The box between replies: Send, and the placeholder stating the limits (`value`: put back in it)."""
+    update = {"submit_btn": True, "stop_btn": False, "placeholder": input_placeholder(service.settings)}
     return gr.update(**update) if value is None else gr.update(value=value, **update)
 
 
@@ -67,7 +76,7 @@ class ChatHandlers:
         message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
         if not (message.get("text") or "").strip() and not message.get("files"):
             gr.Warning("Please type a question or attach an image (or a video).")
-            return gr.skip(), gr.skip(), gr.skip()
+            return NOT_ASKED
         return self._asked(history, message, question_id, request, empty_box=True)
 
     def ask_again(self, history, question_id: str, request: gr.Request) -> Asked:
@@ -75,7 +84,7 @@ class ChatHandlers:
         earlier, message = split_last_user_turn(history)
         if message is None:
             gr.Info("Nothing to retry yet.")
-            return gr.skip(), gr.skip(), gr.skip()
+            return NOT_ASKED
         return self._asked(earlier, message, question_id, request)
 
     def ask_with_more_tokens(self, history, question_id: str, selected: gr.SelectData, request: gr.Request) -> tuple:
@@ -83,7 +92,7 @@ class ChatHandlers:
         names (twice as many), which the max-new-tokens slider takes too."""
         value = str(selected.value or "")
         count = value.removeprefix(MORE_TOKENS)
-        if not value.startswith(MORE_TOKENS) or not count.isdigit():
+        if not value.startswith(MORE_TOKENS) or not (count.isascii() and count.isdigit() and len(count) < 8):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return (*self.ask_again(history, question_id, request),
                 min(int(count), self.service.settings.max_new_tokens))
@@ -91,25 +100,33 @@ class ChatHandlers:
     def _asked(self, history, message: dict, question_id: str, request: gr.Request, empty_box: bool = False) -> Asked:
         """Keep the question for its answer and draw it with its place in line; a question over
         the limits a message and a chat may hold stays in the box with a notice instead."""
+        key = question_key(request.session_hash, question_id)
+        if key is None:
+            return NOT_ASKED
+        if self.questions.busy(key[0]) or self.waiting_questions.waiting(key[0]):
+            gr.Warning("Your question is still in the box: send it when the answer ends (or press ■ to stop it).")
+            return NOT_ASKED
         earlier = list(history or []) if isinstance(history, (list, tuple)) else []
         size = self._checked_size(message, earlier)
         if size is None:
-            return gr.skip(), gr.skip(), gr.skip()
+            return NOT_ASKED
         shown = earlier + user_bubbles(message)
-        self.waiting_questions.put((request.session_hash or "", question_id),
-                                   WaitingQuestion(message=message, history=earlier, shown=shown, size=size))
+        self.waiting_questions.put(key, WaitingQuestion(message=message, history=earlier, shown=shown, size=size))
         box = busy_box({"text": "", "files": []} if empty_box else None)
         return shown + [waiting_note(self.waiting.ahead())], box, question_id
 
     def _checked_size(self, message: dict, history: list) -> int | None:
-        """The characters of text a question and its chat hold, or None (with a notice) when they
-        are over the limits: checked before anything is kept (files are checked by `answer`)."""
+        """What keeping a question and its chat costs, in characters, or None (with a notice) when
+        they are over the limits: checked before anything is kept (each file is checked by `answer`)."""
         rules = self.service.rules
         try:
             text = message.get("text") or ""
             if not isinstance(text, str) or len(text) > rules.max_message_chars:
                 raise InputError(f"The message is too long: {len(str(text)):,} characters (the limit is "
                                  f"{rules.max_message_chars:,}). Please shorten it.")
+            files = message.get("files") or []
+            if not isinstance(files, list) or len(files) > rules.max_images:
+                raise InputError(f"Too many files in one message (the limit is {rules.max_images}).")
             if len(history) > rules.max_history_messages:
                 raise InputError(f"The chat is too long: {len(history):,} earlier messages (the limit is "
                                  f"{rules.max_history_messages:,}). Start a new chat.")
@@ -121,20 +138,22 @@ class ChatHandlers:
         except InputError as exc:
             gr.Warning(str(exc))
             return None
-        return chars + len(text)
+        return chars + len(text) + ENTRY_CHARS + FILE_CHARS * (len(files) + len(history))
 
     # -- its answer -----------------------------------------------------------------------------
     def answer(self, question_id: str, max_new, temperature, top_p, top_k, penalty, thinking, fine_detail,
                slices, frames, system, request: gr.Request) -> Iterator[tuple]:
-        """Check and queue the question `ask` kept, then stream its reply into the chat."""
-        key = (request.session_hash or "", question_id or "")
-        question = self.waiting_questions.take(key)
-        if question is None:  # `ask` refused it (or, flooded, forgot it)
-            yield gr.skip(), gr.skip()
+        """Check and queue the question `ask` kept, then stream its reply into the chat; the box
+        offers Send again with the last update, once the session may ask its next question."""
+        key = question_key(request.session_hash, question_id)
+        question = self.waiting_questions.take(key) if key else None
+        if question is None:
+            yield from self._not_kept(key)
             return
+        self.questions.begin(key)
         if self.questions.stopped_before_start(key):
             self.questions.end(key)
-            yield question.shown + [foot("■ stopped before the answer began", reply_id=None)], gr.skip()
+            yield question.shown + [foot("■ stopped before the answer began", reply_id=None)], self.idle
             return
         try:
             params = self.service.params(max_new, temperature, top_p, top_k, penalty)
@@ -145,16 +164,31 @@ class ChatHandlers:
         except InputError as exc:
             self.questions.end(key)
             gr.Warning(str(exc))
-            yield question.history, question.message  # the question goes back to the box
+            yield question.history, idle_box(self.service, question.message)  # back to the box
             return
         self.questions.start(key, stream)
         try:
-            yield from self._streamed(stream, question)
+            final = yield from self._streamed(stream, question)
         finally:
             stream.cancel()  # no-op when finished; frees the row when the tab closed mid-answer
             self.questions.end(key)
+        yield final, self.idle  # the answer has ended: the next question may go
+
+    @property
+    def idle(self) -> dict:
+        return idle_box(self.service)
+
+    def _not_kept(self, key: Key | None) -> Iterator[tuple]:
+        """No waiting question under `key`: the page's send was refused (its id is then the
+        answer's that still streams, left alone), or a flood of questions pushed it out."""
+        if key is None or self.questions.known(key):
+            yield gr.skip(), gr.skip()
+            return
+        gr.Warning("Your question was dropped while the server was flooded with questions: please send it again.")
+        yield gr.skip(), self.idle
 
     def _streamed(self, stream: ReplyStream, question: WaitingQuestion) -> Iterator[tuple]:
+        """The reply's updates as it streams; returns the chat with the finished reply."""
         shown, view = question.shown, ReplyView(thinking=stream.thinking)
         told = 0
         try:
@@ -162,9 +196,9 @@ class ChatHandlers:
                 told = self._tell(stream, told)
                 yield shown + view.messages(text), gr.skip()
             self._tell(stream, told)
-            yield shown + view.messages(stream.text, ended=True) + [self._foot(stream, view, question)], gr.skip()
+            return shown + view.messages(stream.text, ended=True) + [self._foot(stream, view, question)]
         except ReplyError as exc:
-            yield shown + view.messages(stream.text, ended=True) + [error_note(str(exc))], gr.skip()
+            return shown + view.messages(stream.text, ended=True) + [error_note(str(exc))]
 
     @staticmethod
     def _tell(stream: ReplyStream, told: int) -> int:
@@ -191,7 +225,9 @@ class ChatHandlers:
     # -- Stop, and the actions under the last reply -----------------------------------------------
     def stop(self, question_id: str, request: gr.Request) -> None:
         """Stop the answer to `question_id` (this tab's); its own stream then draws it stopped."""
-        self.questions.stop((request.session_hash or "", question_id or ""))
+        key = question_key(request.session_hash, question_id)
+        if key is not None:
+            self.questions.stop(key)
 
     @staticmethod
     def undo(history) -> list[dict]:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from ..config.settings import Settings
-from ..intake.message import content_parts, file_path
+from ..intake.message import InputError, content_parts, file_path
 from ..engine import ReplyStats
 from ..engine.request import FinishReason
 from ..engine.reasoning import split_reasoning
@@ -45,17 +45,22 @@ def user_bubbles(message) -> list[dict]:
 
 def split_last_user_turn(history) -> tuple[list[dict], dict | None]:
     """Split the chat into (everything before the last question, that question as a message)."""
-    history = without_reply(list(history or []))
+    history = [entry for entry in (history if isinstance(history, list) else [])
+               if isinstance(entry, dict) and "role" in entry and "content" in entry]
+    history = without_reply(history)
     start = len(history)
     while start and history[start - 1]["role"] == "user":
         start -= 1
     if start == len(history):
         return history, None
     text, files = [], []
-    for entry in history[start:]:
-        texts, paths = content_parts(entry["content"])
-        text += texts
-        files += paths
+    try:
+        for entry in history[start:]:
+            texts, paths = content_parts(entry["content"])
+            text += texts
+            files += paths
+    except InputError:  # content the page never makes (a forged chat): no question to send again
+        return history[:start], None
     return history[:start], {"text": "\n".join(text), "files": files}
 
 
@@ -76,7 +81,7 @@ def note(text: str, kind: str) -> dict:
 def waiting_note(ahead: int | None) -> dict:
     """Drawn with the question the moment it is sent, replaced by the answer when its turn
     comes. `ahead`: questions before it when the server is full; None when it starts at once.
-    A chat saved in the browser while this note shows was cut off by a reload (see `cut_off`)."""
+    A chat saved in the browser while this note shows was cut off by a reload (`saved_chats.CUT_OFF`)."""
     if ahead is None:
         text = "answering…"
     else:

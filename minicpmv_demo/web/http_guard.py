@@ -8,7 +8,7 @@ sees the request line and headers first and decides there:
 - body size: refused with 413 from Content-Length before a byte is read, and counted while the
   body arrives (a chunked body has no Content-Length), stopping at the limit; an event of the
   page or of /chat carries at most a message and a chat within the history limits, so its
-  limit is that (about 8 MB), not --max-body-mb;
+  limit is that (about 7 MB), not --max-body-mb;
 - the OpenAI routes and FastAPI's schema pages need the API key when --auth is set, before
   their body is read;
 - failed logins (the page's and API keys) are counted per client address; past the limit that
@@ -37,7 +37,7 @@ SCHEMA_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/r
 LOGIN_PATHS = frozenset({"/login", "/login/"})
 UPLOAD_PATHS = frozenset({"/gradio_api/upload", "/gradio_api/upload/"})
 # Gradio's event routes: queued events, outside-the-queue events, REST calls of the API.
-EVENT_PREFIXES = ("/gradio_api/queue/join", "/gradio_api/run/", "/gradio_api/call/")
+EVENT_PREFIXES = ("/gradio_api/queue/join", "/gradio_api/run/", "/gradio_api/call/", "/gradio_api/api/")
 JSON_BYTES_PER_CHAR = 6  # the longest a character gets in JSON ("\uXXXX")
 
 

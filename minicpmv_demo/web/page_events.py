@@ -21,7 +21,7 @@ import gradio as gr
 from ..system.monitor import ServerMonitor
 from .chat_handlers import ChatHandlers
 from .chat_service import ChatService
-from .chat_view import input_placeholder, settings_summary
+from .chat_view import settings_summary
 from .saved_chats import restored_chat, restored_settings
 from .server_panel import panel_html, plots
 from .waiting import WaitingLine
@@ -66,7 +66,7 @@ class PageParts:
 def wire_page(demo: gr.Blocks, page: PageParts, handlers: ChatHandlers, service: ChatService, monitor: ServerMonitor,
               waiting: WaitingLine, model_event: dict) -> None:
     """Connect every event of the page (call inside the Blocks being built)."""
-    _wire_questions(page, handlers, model_event, idle_box(service))
+    _wire_questions(page, handlers, model_event)
     _wire_reply_actions(page, handlers)
     _wire_saved_chats(demo, page, service)
     _wire_settings(page)
@@ -79,12 +79,7 @@ def wire_page(demo: gr.Blocks, page: PageParts, handlers: ChatHandlers, service:
     timer.tick(lambda: plots(monitor), None, page.plots, **QUICK)
 
 
-def idle_box(service: ChatService) -> dict:
-    """The box between replies: Send, and the placeholder stating the limits."""
-    return gr.update(submit_btn=True, stop_btn=False, placeholder=input_placeholder(service.settings))
-
-
-def _wire_questions(page: PageParts, handlers: ChatHandlers, model_event: dict, idle: dict) -> None:
+def _wire_questions(page: PageParts, handlers: ChatHandlers, model_event: dict) -> None:
     """Send, Retry and "Retry with more tokens": ask (at once), then answer (in the queue)."""
     asked = [page.chatbot, page.chat_input, page.question_id]
     answer_inputs = [page.question_id, *page.settings]
@@ -94,7 +89,6 @@ def _wire_questions(page: PageParts, handlers: ChatHandlers, model_event: dict, 
     def then_answer(asking) -> None:
         asking.then(**save)
         answered = asking.then(handlers.answer, answer_inputs, [page.chatbot, page.chat_input], **answer_event)
-        answered.then(lambda: idle, None, page.chat_input, **QUICK)
         answered.then(**save)
 
     then_answer(page.chat_input.submit(handlers.ask, [page.chat_input, page.chatbot, page.question_id], asked,
@@ -163,14 +157,18 @@ def summary_of_settings(*values) -> str:
 def chat_choices(titles: dict | None) -> dict:
     """The past-chats list: (title, id) of each chat the browser keeps, the current one chosen."""
     titles = titles if isinstance(titles, dict) else {}
-    choices = [(str(title)[:80], str(chat_id)) for title, chat_id in titles.get("chats") or []
-               if isinstance(chat_id, str)][:50]
+    chats = titles.get("chats") if isinstance(titles.get("chats"), list) else []
+    choices = [(str(item[0])[:80], item[1]) for item in chats[:50]
+               if isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], str)]
     current = titles.get("current")
-    return gr.update(choices=choices, value=current if current in {c[1] for c in choices} else None)
+    chosen = current if isinstance(current, str) and current in {c[1] for c in choices} else None
+    return gr.update(choices=choices, value=chosen)
 
 
 def example_message(selected: gr.SelectData) -> dict:
     """An example clicked in the empty chat fills the box; the visitor presses Enter."""
-    value = selected.value or {}
-    files = [f["path"] if isinstance(f, dict) else f for f in value.get("files") or []]
-    return {"text": value.get("text", ""), "files": files}
+    value = selected.value if isinstance(selected.value, dict) else {}
+    files = value.get("files") if isinstance(value.get("files"), list) else []
+    paths = [f.get("path") if isinstance(f, dict) else f for f in files]
+    text = value.get("text")
+    return {"text": text if isinstance(text, str) else "", "files": [p for p in paths if isinstance(p, str)]}

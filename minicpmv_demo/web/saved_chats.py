@@ -5,7 +5,8 @@ The browser saves a chat when a question is sent (with its "waiting" note) and w
 ends. A chat read back with the waiting note still at its end lost its answer to a reload; the
 note becomes a line saying so, with Retry. Files the server no longer has (uploads are deleted
 after two hours) become a note in place of the picture, and a chat over the server's history
-limits loses its oldest messages, so what is shown can always be sent again.
+limits loses its oldest messages (as many as the limits take, counted after each saved message is
+split into the Chatbot's messages), so what is shown can be sent again.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .chat_view import FOOT_METADATA, error_note, is_waiting_note
 CUT_OFF = "the page was reloaded before this answer ended. Press Retry to ask again."
 MISSING_FILE = "(a file no longer on the server)"
 THOUGHT_KEYS = ("title", "status", "duration")
+MAX_PARTS = 16  # of one saved message: the page's own hold a text and a few files
 
 
 def restored_chat(saved: object, rules: InputRules) -> list[dict]:
@@ -28,10 +30,20 @@ def restored_chat(saved: object, rules: InputRules) -> list[dict]:
     if not isinstance(saved, list):
         return []
     messages = [message for entry in saved[-rules.max_history_messages:] for message in _message(entry, rules)]
-    while sum(len(m["content"]) for m in messages if isinstance(m["content"], str)) > rules.max_history_chars:
-        messages.pop(0)
+    messages = _newest_within(messages[-rules.max_history_messages:], rules.max_history_chars)
     if messages and is_waiting_note(messages[-1]):
         messages[-1] = error_note(CUT_OFF)
+    return messages
+
+
+def _newest_within(messages: list[dict], max_chars: int) -> list[dict]:
+    """The newest messages whose text stays within `max_chars` (one pass from the end)."""
+    chars = 0
+    for start in range(len(messages) - 1, -1, -1):
+        content = messages[start]["content"]
+        chars += len(content) if isinstance(content, str) else 0
+        if chars > max_chars:
+            return messages[start + 1:]
     return messages
 
 
@@ -62,7 +74,7 @@ def _parts(content: object) -> list:
         return [content]
     parts = content if isinstance(content, list) else [content]
     found = []
-    for part in parts:
+    for part in parts[:MAX_PARTS]:
         if isinstance(part, str):
             found.append(part)
         elif isinstance(part, dict) and isinstance(part.get("text"), str):
@@ -77,7 +89,10 @@ def _kept_file(part: dict, rules: InputRules) -> str | None:
     path = part.get("path")
     if not isinstance(path, str) or not path:
         return None
-    real = os.path.realpath(path)
+    try:
+        real = os.path.realpath(path)
+    except (ValueError, OSError):  # a NUL in the path, a loop of links
+        return None
     inside = any(real.startswith(os.path.realpath(root) + os.sep) for root in rules.allowed_roots)
     return path if inside and os.path.isfile(real) else None
 

@@ -213,3 +213,29 @@ def test_thinking_toggle_shows_collapsible_reasoning(browser, url):
     page.locator("#chatbot .thought-group").get_by_text("Thinking").first.wait_for(timeout=60_000)
     wait_answered(page, 1)
     page.close()
+
+
+def test_enter_while_answering_keeps_the_question_and_the_stop(browser, url, held):
+    """Enter sends even while Stop shows: a second question is refused with a notice and stays in
+    the box, and the first answer keeps its Stop, its one writer and its end (an empty Enter too)."""
+    page = open_page(browser, url)
+    set_settings(page, 12, temperature=0)
+    held.go.clear()  # the answer holds after its first word
+    ask(page, "The first question, still being answered.")
+    stop = page.locator(STOP)
+    expect(stop).to_be_visible()
+    textarea = page.locator("#chat-input textarea")
+    textarea.press("Enter")  # an empty Enter
+    textarea.fill("A second question, sent too soon.")
+    textarea.press("Enter")
+    expect(page.locator(".toast-body").get_by_text("still in the box")).to_be_visible()
+    expect(textarea).to_have_value("A second question, sent too soon.")
+    expect(stop).to_be_visible()
+    expect(page.locator("#chatbot .user-row")).to_have_count(1)
+    held.go.set()
+    wait_answered(page, 1)
+    textarea.press("Enter")  # the kept question goes now
+    wait_answered(page, 2)
+    expect(page.locator("#chatbot")).to_contain_text("A second question, sent too soon.")
+    assert "tok/s" in last_foot_text(page)
+    page.close()

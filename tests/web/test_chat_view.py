@@ -68,3 +68,24 @@ def test_retry_and_edit_find_the_whole_last_question():
     earlier, message = split_last_user_turn(history)
     assert earlier == [] and message == {"text": "What is it?", "files": ["/up/a.png"]}
     assert split_last_user_turn([]) == ([], None)
+
+
+def test_forged_chats_and_choices_are_read_without_failing():
+    """What a client sends in place of the page's own chat, saved chats or example: read as far
+    as it makes sense, never an exception (a 500 and a traceback in the log)."""
+    from types import SimpleNamespace
+
+    from minicpmv_demo.web.page_events import chat_choices, example_message
+    from minicpmv_demo.web.saved_chats import MAX_PARTS, restored_chat
+
+    assert split_last_user_turn([5, {"role": "user"}, {"role": "user", "content": {"component": "x"}}]) == ([], None)
+    assert split_last_user_turn("not a chat") == ([], None)
+    assert chat_choices({"chats": [1, ["t"], ["title", "id1"], ["t", ["x"]]], "current": ["id1"]})["value"] is None
+    assert chat_choices({"chats": [["title", "id1"]], "current": "id1"})["choices"] == [("title", "id1")]
+    assert example_message(SimpleNamespace(value="text")) == {"text": "", "files": []}
+    assert example_message(SimpleNamespace(value={"text": "hi", "files": [{"no": "path"}, "a.png"]})) == \
+        {"text": "hi", "files": ["a.png"]}
+    parts = ["a"] * 100_000 + [{"path": "/etc/passwd\0"}]  # one saved message split in 100,001 parts
+    restored = restored_chat([{"role": "user", "content": parts}], RULES)
+    assert len(restored) == MAX_PARTS and all(m["content"] == "a" for m in restored)
+    assert restored_chat([{"role": "user", "content": [{"path": "/tmp/\0nul"}]}], RULES)[0]["metadata"]

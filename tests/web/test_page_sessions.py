@@ -42,6 +42,10 @@ def test_an_event_carries_at_most_a_message_and_a_chat_within_the_limits(tiny_se
         refused = httpx.post(f"{url}gradio_api/queue/join", json={"data": [{"text": "hi", "files": []}, history],
                                                                   "fn_index": 0, "session_hash": "big"}, timeout=30)
         assert refused.status_code == 413 and "--max-history-chars" in refused.text
+        for route in ("run/chat", "call/chat", "api/chat"):  # every route that runs an event
+            refused = httpx.post(f"{url}gradio_api/{route}", json={"data": [{"text": "hi", "files": []}, history]},
+                                 timeout=30)
+            assert refused.status_code == 413, route
         within = [{"role": "user", "content": "y" * 90_000}, {"role": "assistant", "content": "z"}]
         stream = send_event(url, api_name="chat", session="fits", data=[{"text": "hi", "files": []}, within, 4] + [None] * 8)
         assert "process_completed" in stream and '"success":true' in stream.replace(" ", "")

@@ -34,7 +34,7 @@ def test_a_stop_after_the_answer_ended_does_nothing():
     questions.end(("tab", "done"))
     questions.stop(("tab", "done"))  # a double click, or a press as the answer ended
     assert not questions.stopped_before_start(("tab", "done")) and not stream.cancelled
-    assert questions.live == 0
+    assert not questions.busy("tab")
 
 
 def test_what_it_remembers_is_bounded():
@@ -55,3 +55,36 @@ def test_questions_waiting_for_their_answer_are_bounded_in_size():
     assert len(waiting) == 2, "the oldest are forgotten past the bound"
     assert waiting.take(("tab", "q4")) is question and waiting.take(("tab", "q4")) is None, "taken once"
     assert waiting.take(("tab", "q0")) is None
+
+
+def test_only_ids_the_page_makes_name_a_question():
+    from minicpmv_demo.web.questions import question_key
+
+    assert question_key("tab", "0123456789abcdef01234567") == ("tab", "0123456789abcdef01234567")
+    for forged in ("", "q1", "x" * 10_000, "0123456789ABCDEF01234567", None, 5, ["a"]):
+        assert question_key("tab", forged) is None, forged
+
+
+def test_a_session_is_busy_from_the_answers_start_to_its_end():
+    questions = LiveQuestions()
+    questions.begin(("tab", "q1"))  # being prepared: no stream yet
+    assert questions.busy("tab") and not questions.busy("another tab") and questions.known(("tab", "q1"))
+    questions.stop(("tab", "q1"))  # a Stop while it is prepared is kept for it
+    stream = ReplyStream()
+    questions.start(("tab", "q1"), stream)
+    assert stream.cancelled
+    questions.end(("tab", "q1"))
+    assert not questions.busy("tab") and questions.known(("tab", "q1"))
+
+
+def test_waiting_questions_are_bounded_in_number_and_age():
+    from minicpmv_demo.web.questions import WaitingQuestion, WaitingQuestions
+
+    waiting = WaitingQuestions(max_questions=3, max_age=60)
+    for n in range(5):
+        waiting.put(("flood", f"q{n}"), WaitingQuestion(message={}, history=[], shown=[], size=1, at=100.0 + n))
+    assert len(waiting) == 3 and waiting.take(("flood", "q0")) is None
+    assert waiting.waiting("flood") and not waiting.waiting("visitor")
+    waiting.put(("visitor", "late"), WaitingQuestion(message={}, history=[], shown=[], size=1, at=1000.0))
+    assert len(waiting) == 1, "questions waiting past max_age (their tab closed) are forgotten"
+    assert waiting.take(("visitor", "late")) is not None
