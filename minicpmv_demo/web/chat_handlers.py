@@ -146,33 +146,40 @@ class ChatHandlers:
         """Check and queue the question `ask` kept, then stream its reply into the chat; the box
         offers Send again with the last update, once the session may ask its next question."""
         key = question_key(request.session_hash, question_id)
+        began = key is not None and self.questions.begin(key)  # busy before the question leaves the waiting
         question = self.waiting_questions.take(key) if key else None
         if question is None:
+            if began:
+                self.questions.drop(key)
             yield from self._not_kept(key)
             return
-        self.questions.begin(key)
-        if self.questions.stopped_before_start(key):
+        try:  # whatever happens, the session is free again before its box offers Send
+            last = yield from self._answered(key, question, (max_new, temperature, top_p, top_k, penalty),
+                                             (thinking, fine_detail, slices, frames, system))
+        finally:
             self.questions.end(key)
-            yield question.shown + [foot("■ stopped before the answer began", reply_id=None)], self.idle
-            return
+        yield last
+
+    def _answered(self, key: Key, question: WaitingQuestion, sampling: tuple, prompt: tuple) -> Iterator[tuple]:
+        """The reply's updates; returns the last one: the finished chat and the box given back."""
+        if self.questions.stopped_before_start(key):
+            return question.shown + [foot("■ stopped before the answer began", reply_id=None)], self.idle
+        thinking, fine_detail, slices, frames, system = prompt
         try:
-            params = self.service.params(max_new, temperature, top_p, top_k, penalty)
+            params = self.service.params(*sampling)
             options = self.service.options(enable_thinking=bool(thinking), downsample_mode="4x" if fine_detail else "16x",
                                            max_slice_nums=slices, max_num_frames=frames)
             stream, _ = self.service.submit(question.message, question.history, params, system or "",
                                             options=options)
         except InputError as exc:
-            self.questions.end(key)
             gr.Warning(str(exc))
-            yield question.history, idle_box(self.service, question.message)  # back to the box
-            return
+            return question.history, idle_box(self.service, question.message)  # the question back in the box
         self.questions.start(key, stream)
         try:
-            final = yield from self._streamed(stream, question)
+            chat = yield from self._streamed(stream, question)
         finally:
             stream.cancel()  # no-op when finished; frees the row when the tab closed mid-answer
-            self.questions.end(key)
-        yield final, self.idle  # the answer has ended: the next question may go
+        return chat, self.idle
 
     @property
     def idle(self) -> dict:

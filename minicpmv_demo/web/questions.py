@@ -54,10 +54,20 @@ class LiveQuestions:
         with self._lock:
             return key in self._stopped_early
 
-    def begin(self, key: Key) -> None:
-        """The answer to `key` is being prepared (its stream does not exist yet): the session is busy."""
+    def begin(self, key: Key) -> bool:
+        """The answer to `key` is being prepared (its stream does not exist yet): the session is
+        busy from now on. False when an answer to `key` is already live (left as it is)."""
         with self._lock:
-            self._live.setdefault(key, None)
+            if key in self._live:
+                return False
+            self._live[key] = None
+            return True
+
+    def drop(self, key: Key) -> None:
+        """Undo `begin`: there was nothing to answer after all."""
+        with self._lock:
+            if self._live.get(key, "live") is None:
+                del self._live[key]
 
     def busy(self, session: str) -> bool:
         """Whether an answer of this session is being prepared or streams."""

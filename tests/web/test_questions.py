@@ -67,14 +67,20 @@ def test_only_ids_the_page_makes_name_a_question():
 
 def test_a_session_is_busy_from_the_answers_start_to_its_end():
     questions = LiveQuestions()
-    questions.begin(("tab", "q1"))  # being prepared: no stream yet
+    assert questions.begin(("tab", "q1"))  # being prepared: no stream yet
+    assert not questions.begin(("tab", "q1")), "a second answer to it leaves the first alone"
     assert questions.busy("tab") and not questions.busy("another tab") and questions.known(("tab", "q1"))
     questions.stop(("tab", "q1"))  # a Stop while it is prepared is kept for it
     stream = ReplyStream()
     questions.start(("tab", "q1"), stream)
     assert stream.cancelled
+    questions.drop(("tab", "q1"))  # it streams: only an answer not yet started is dropped
+    assert questions.busy("tab")
     questions.end(("tab", "q1"))
     assert not questions.busy("tab") and questions.known(("tab", "q1"))
+    assert questions.begin(("tab", "q2"))
+    questions.drop(("tab", "q2"))  # nothing to answer after all
+    assert not questions.busy("tab") and not questions.known(("tab", "q2"))
 
 
 def test_waiting_questions_are_bounded_in_number_and_age():
