@@ -20,7 +20,7 @@ def test_short_soak_loses_nothing_and_leaks_no_threads(tiny_dir, tmp_path):
     with soak.launched_app(concurrency=12, tiny_model_dir=tiny_dir) as (url, pid):
         result = soak.run(url, pid, users=12, duration=600, rounds=6, scratch=tmp_path)
     assert result["sent"] == 12 * 6, result
-    assert result["lost"] == 0, result
+    assert result["lost"] == 0, result["lost_details"]
     assert result["completed"] >= 10 and result["rejected"] >= 1 and result["cancelled"] >= 1, result
     assert result["abandoned"] >= 1, result
     assert result["settled"], f"the engine went idle: no stuck rows, nothing left waiting {result}"
