@@ -230,11 +230,18 @@ class ChatHandlers:
         return line
 
     # -- Stop, and the actions under the last reply -----------------------------------------------
-    def stop(self, question_id: str, request: gr.Request) -> None:
-        """Stop the answer to `question_id` (this tab's); its own stream then draws it stopped."""
+    def stop(self, question_id: str, request: gr.Request) -> tuple:
+        """Stop the answer to `question_id` (this tab's). A question still waiting for its turn
+        ends here, drawn stopped, and the box is free at once (its answer, when its turn comes,
+        finds nothing to do); an answer under way is cancelled, and draws itself stopped."""
         key = question_key(request.session_hash, question_id)
-        if key is not None:
-            self.questions.stop(key)
+        waiting = self.waiting_questions.take(key) if key else None
+        if waiting is None:
+            if key is not None:
+                self.questions.stop(key)
+            return gr.skip(), gr.skip()
+        self.questions.end(key)
+        return waiting.shown + [foot("■ stopped before the answer began", reply_id=None)], self.idle
 
     @staticmethod
     def undo(history) -> list[dict]:

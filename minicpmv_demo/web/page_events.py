@@ -83,7 +83,9 @@ def _wire_questions(page: PageParts, handlers: ChatHandlers, model_event: dict) 
     """Send, Retry and "Retry with more tokens": ask (at once), then answer (in the queue)."""
     asked = [page.chatbot, page.chat_input, page.question_id]
     answer_inputs = [page.question_id, *page.settings]
-    answer_event = {**model_event, "api_visibility": "private", "show_progress": "hidden"}
+    # "multiple": a question sent while the answer to a stopped one still waits for its turn gets its
+    # own answer (Gradio would otherwise drop an event whose earlier run is pending).
+    answer_event = {**model_event, "api_visibility": "private", "show_progress": "hidden", "trigger_mode": "multiple"}
     save = _save_chat(page)
 
     def then_answer(asking) -> None:
@@ -98,7 +100,7 @@ def _wire_questions(page: PageParts, handlers: ChatHandlers, model_event: dict) 
     then_answer(page.chatbot.option_select(handlers.ask_with_more_tokens, [page.chatbot, page.question_id],
                                            [*asked, page.controls["max_new_tokens"]], js=NEW_QUESTION_ID,
                                            **NOTICE))
-    page.chat_input.stop(handlers.stop, page.question_id, None, **QUICK)
+    page.chat_input.stop(handlers.stop, page.question_id, [page.chatbot, page.chat_input], **QUICK).then(**save)
 
 
 def _wire_reply_actions(page: PageParts, handlers: ChatHandlers) -> None:

@@ -7,8 +7,9 @@ question's engine stream, and the answer's own generator, seeing its stream end 
 draws the final "■ stopped" reply with its stats. One writer per reply: a session asks its next
 question only once its answer has ended (`busy`), so two answers never write one chat.
 
-- Stop before the answer started (it is still waiting for a place): remembered for that id
-  alone, and the answer, when its turn comes, ends at once as stopped.
+- Stop while the question waits for its turn: it ends there, drawn stopped, and its answer,
+  when the turn comes, finds nothing to do. Stop while its answer is being prepared: remembered
+  for that id alone, and the answer ends at once as stopped.
 - Stop after the answer ended, or a second Stop: nothing happens.
 Ids are scoped by the browser session, so a page can only stop its own questions, and are 24
 hex digits (what the page script makes): anything else names no question.

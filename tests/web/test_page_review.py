@@ -44,6 +44,33 @@ def test_1_stop_before_the_first_word_stops_only_that_question(browser, queued_a
     page.close()
 
 
+def test_1_stop_while_waiting_frees_the_box_at_once(browser, queued_app):
+    """Stop on a question still waiting for its turn: drawn stopped at once, and the changed
+    question sent right after (the server still busy) waits and is answered, never refused."""
+    runner = queued_app.runner
+    busy, page = open_page(browser, queued_app.url), open_page(browser, queued_app.url)
+    runner.go.clear()
+    try:
+        ask(busy, "Keep the server busy for a while.", max_tokens=12)
+        expect(busy.locator("#chatbot .bot-row")).to_have_count(1)
+        ask(page, "What is in this picture?", "scene.png", max_tokens=12)
+        expect(page.locator("#chatbot")).to_contain_text("waiting")
+        page.locator(STOP).click()
+        expect(feet(page).last).to_contain_text("■ stopped before the answer began")
+        textarea = page.locator("#chat-input textarea")
+        textarea.fill("And what colour is the sky?")
+        textarea.press("Enter")
+        expect(page.locator("#chatbot")).to_contain_text("And what colour is the sky?")
+    finally:
+        runner.go.set()
+    wait_answered(page, 2)
+    assert "stopped" not in last_foot_text(page) and "tok/s" in last_foot_text(page)
+    assert page.locator(".toast-body").get_by_text("still in the box").count() == 0, "never refused"
+    assert_no_error_state(page)
+    busy.close()
+    page.close()
+
+
 def test_1_stop_at_random_moments_touches_only_its_own_answer(browser, url):
     """Stop pressed (or double-clicked) at random moments: before the first token, mid-answer,
     just after the end. Each stopped reply keeps its mark and its stats; the question after it
