@@ -52,6 +52,11 @@ def idle_box(service: ChatService, value: dict | None = None) -> dict:
     return gr.update(**update) if value is None else gr.update(value=value, **update)
 
 
+def stopped_early(question: WaitingQuestion) -> list[dict]:
+    """The chat with a question stopped before its answer began (by Stop, or in its place)."""
+    return question.shown + [foot("■ stopped before the answer began", reply_id=None)]
+
+
 def friendly_notice(notice: str) -> str:
     """A notice from the intake as a visitor reads it (no pixel sizes)."""
     resized = RESIZED.match(notice)
@@ -163,7 +168,7 @@ class ChatHandlers:
     def _answered(self, key: Key, question: WaitingQuestion, sampling: tuple, prompt: tuple) -> Iterator[tuple]:
         """The reply's updates; returns the last one: the finished chat and the box given back."""
         if self.questions.stopped_before_start(key):
-            return question.shown + [foot("■ stopped before the answer began", reply_id=None)], self.idle
+            return stopped_early(question), self.idle
         thinking, fine_detail, slices, frames, system = prompt
         try:
             params = self.service.params(*sampling)
@@ -241,7 +246,7 @@ class ChatHandlers:
                 self.questions.stop(key)
             return gr.skip(), gr.skip()
         self.questions.end(key)
-        return waiting.shown + [foot("■ stopped before the answer began", reply_id=None)], self.idle
+        return stopped_early(waiting), self.idle
 
     @staticmethod
     def undo(history) -> list[dict]:

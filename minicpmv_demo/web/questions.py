@@ -67,7 +67,7 @@ class LiveQuestions:
     def drop(self, key: Key) -> None:
         """Undo `begin`: there was nothing to answer after all."""
         with self._lock:
-            if self._live.get(key, "live") is None:
+            if key in self._live and self._live[key] is None:  # begun, never started
                 del self._live[key]
 
     def busy(self, session: str) -> bool:
