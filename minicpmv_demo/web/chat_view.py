@@ -187,16 +187,3 @@ def chat_howto(settings: Settings) -> str:
             f"({settings.max_video_mb:g} MB, {settings.max_video_seconds / 60:g} min), "
             f"ask a question, press **Enter**. Stop an answer with **■**; copy, retry, edit or rate "
             f"it with the row under it. Or start with an example:")
-
-
-def settings_summary(max_new, temperature, top_p, top_k, penalty, thinking, fine, slices, frames) -> str:
-    """One line under the box: what the next answer will be made with."""
-    parts = [f"up to {int(max_new)} new tokens",
-             "greedy" if not temperature else f"temperature {temperature:g} · top-p {top_p:g}"]
-    if temperature and top_k:
-        parts.append(f"top-k {int(top_k)}")
-    if penalty and penalty != 1:
-        parts.append(f"repetition penalty {penalty:g}")
-    parts += ["thinking on" if thinking else "thinking off", "fine detail" if fine else "normal detail",
-              f"{int(slices)} slices", f"{int(frames)} video frames"]
-    return "Settings: " + " · ".join(parts)

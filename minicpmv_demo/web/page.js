@@ -32,13 +32,14 @@
     return [];
   };
 
-  // After the page has loaded: the focus in the box, and a word in the empty past-chats list
-  // (Gradio's dropdown has no placeholder of its own).
-  page.loaded = () => {
+  // After the page has loaded (given the settings): the summary line, the focus in the box, and
+  // a word in the empty past-chats list (Gradio's dropdown has no placeholder of its own).
+  page.loaded = (settings) => {
     const list = document.querySelector("#past-chats input");
     if (list) list.placeholder = "Past chats (kept in this browser)";
     page.ready = true; // the saved chat is restored: what the visitor does now is not overwritten
-    return page.focusBox();
+    page.focusBox();
+    return [page.settingsSummary(settings)];
   };
 
   // ---- saved chats: {current, chats: [{id, title, messages}], settings} --------------------
@@ -84,10 +85,11 @@
     return [trimmed(saved)];
   };
 
-  page.saveSettings = (saved, values) => {
+  // A settings change: the summary line under the box, and the settings kept in the browser.
+  page.settingsChanged = (saved, values) => {
     saved = normalised(saved);
     saved.settings = copyOf(values);
-    return [saved];
+    return [page.settingsSummary(values), saved];
   };
 
   // What the server restores on load: the current chat's messages and the settings.
@@ -122,6 +124,21 @@
     saved = normalised(saved);
     saved.current = null;
     return [saved, []];
+  };
+
+  // ---- the settings' summary line ------------------------------------------------------------
+  // Made here rather than on the server so that it follows every change at once and in order:
+  // the answers to a burst of server calls (the restore on load sets ten settings) can arrive out
+  // of order and leave the line showing a value the settings no longer have.
+  const shortNumber = (x) => String(Number(Number(x).toPrecision(6))); // Python's :g, for these values
+  page.settingsSummary = ([maxNew, temperature, topP, topK, penalty, thinking, fine, slices, frames]) => {
+    const parts = [`up to ${Math.trunc(maxNew)} new tokens`,
+                   temperature ? `temperature ${shortNumber(temperature)} · top-p ${shortNumber(topP)}` : "greedy"];
+    if (temperature && topK) parts.push(`top-k ${Math.trunc(topK)}`);
+    if (penalty && penalty !== 1) parts.push(`repetition penalty ${shortNumber(penalty)}`);
+    parts.push(thinking ? "thinking on" : "thinking off", fine ? "fine detail" : "normal detail",
+               `${Math.trunc(slices)} slices`, `${Math.trunc(frames)} video frames`);
+    return "Settings: " + parts.join(" · ");
   };
 
   // ---- notices the page finds itself, shown like every other notice --------------------------

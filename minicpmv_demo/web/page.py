@@ -23,7 +23,7 @@ from ..system.monitor import ServerMonitor
 from .chat_api import VIDEO_TYPES, add_chat_api
 from .chat_handlers import ChatHandlers
 from .chat_service import ASSETS, ChatService
-from .chat_view import chat_howto, input_placeholder, settings_summary
+from .chat_view import chat_howto, input_placeholder
 from .feedback import FeedbackLog
 from .page_events import PageParts, wire_page
 from .server_panel import panel_html
@@ -125,7 +125,7 @@ def _settings(settings: Settings, defaults: SamplingParams, thinks_by_default: b
               "top_p": defaults.top_p, "top_k": defaults.top_k, "repetition_penalty": defaults.repetition_penalty,
               "thinking": thinks_by_default, "fine_detail": False, "max_slices": DEFAULT_SLICES,
               "max_frames": min(settings.video_frames, settings.max_video_frames), "system_prompt": ""}
-    summary = gr.Markdown(settings_summary(*list(values.values())[:9]), elem_id="settings-summary")
+    summary = gr.Markdown("", elem_id="settings-summary")  # written by the page script on load (page.js)
     with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
         with gr.Row():
             thinking = gr.Checkbox(value=values["thinking"], label="Thinking",

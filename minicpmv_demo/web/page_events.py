@@ -21,7 +21,6 @@ import gradio as gr
 from ..system.monitor import ServerMonitor
 from .chat_handlers import ChatHandlers
 from .chat_service import ChatService
-from .chat_view import settings_summary
 from .saved_chats import restored_chat, restored_settings
 from .server_panel import panel_html, plots
 from .waiting import WaitingLine
@@ -125,7 +124,7 @@ def _wire_saved_chats(demo: gr.Blocks, page: PageParts, service: ChatService) ->
         return restored_chat((saved or {}).get("messages") if isinstance(saved, dict) else None, rules)
 
     demo.load(restore, page.saved, [page.chatbot, *settings], js="(saved) => [window.minicpmv.current(saved)]",
-              **QUICK).then(None, js="() => window.minicpmv.loaded()")
+              **QUICK).then(None, settings, page.summary, js="(...values) => window.minicpmv.loaded(values)")
     page.saved.change(chat_choices, page.saved, page.past_chats, js="(saved) => [window.minicpmv.titles(saved)]",
                       **QUICK)
     page.past_chats.input(open_chat, [page.saved, page.past_chats], page.chatbot,
@@ -137,11 +136,10 @@ def _wire_saved_chats(demo: gr.Blocks, page: PageParts, service: ChatService) ->
 
 
 def _wire_settings(page: PageParts) -> None:
-    """The summary line follows the settings; the browser keeps them; Reset puts the defaults back."""
-    summarised = gr.on([control.change for control in page.settings], summary_of_settings, page.settings,
-                       page.summary, **QUICK)
-    summarised.then(None, [page.saved, *page.settings], page.saved,
-                    js="(saved, ...values) => window.minicpmv.saveSettings(saved, values)")
+    """The summary line follows the settings and the browser keeps them, both in the browser
+    (see `settingsSummary` in page.js for why); Reset puts the defaults back."""
+    gr.on([control.change for control in page.settings], None, [page.saved, *page.settings],
+          [page.summary, page.saved], js="(saved, ...values) => window.minicpmv.settingsChanged(saved, values)")
     page.reset.click(lambda: page.defaults, None, page.settings, **QUICK)
 
 
@@ -149,11 +147,6 @@ def _save_chat(page: PageParts) -> dict:
     """A browser-only step that saves the chat shown into the browser's saved chats."""
     return {"fn": None, "inputs": [page.saved, page.chatbot], "outputs": page.saved,
             "js": "(saved, chat) => window.minicpmv.saveChat(saved, chat)"}
-
-
-def summary_of_settings(*values) -> str:
-    """The summary line for the settings' current values (the system prompt is not in it)."""
-    return settings_summary(*values[:9])
 
 
 def chat_choices(titles: dict | None) -> dict:

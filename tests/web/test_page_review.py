@@ -9,8 +9,8 @@ import re
 import pytest
 
 from browser_page import (PHONE, STOP, assert_no_error_state, attach, ask, chromium_missing,
-                          contrast_on_white_js, expect, feet, last_foot_text, open_page, reply_action,
-                          set_settings, wait_answered, wait_loaded)
+                          contrast_on_white_js, expect, feet, fill_slider, last_foot_text, open_page,
+                          reply_action, set_settings, wait_answered, wait_loaded)
 
 pytestmark = pytest.mark.skipif(chromium_missing, reason="no Chromium (apt-get install chromium)")
 # The issue asks for 50; STOP_PRESSES=50 runs them all (about 3 minutes on 2 busy cores).
@@ -108,6 +108,28 @@ def test_2_reload_keeps_the_chat_and_settings_and_says_what_it_cut(browser, url,
     page.get_by_role("option", name="First question, answered before the reload.").click()
     expect(chat).to_contain_text("Second question, cut off by the reload.")
     assert_no_error_state(page)
+    page.close()
+
+
+def test_2_the_summary_names_every_setting_and_comes_back_with_them(browser, url):
+    """Every setting changed, then a reload: the line under the box names each one, in numbers as
+    the sliders show them (0.3, not 0.30000000000000004), before the reload and after it."""
+    page = open_page(browser, url)
+    set_settings(page, 64, temperature=0.3, thinking=True)
+    page.get_by_text("Generation settings").click()
+    settings, summary = page.locator("#generation-settings"), page.locator("#settings-summary")
+    for label, value, shown in [("Top-k", 20, "top-k 20"), ("Repetition penalty", 1.15, "repetition penalty 1.15"),
+                                ("Max slices", 4, "4 slices"), ("Max frames", 8, "8 video frames")]:
+        fill_slider(settings.get_by_label(label, exact=False).first, value, summary, shown)
+    settings.get_by_label("Fine detail").set_checked(True)
+    line = ("Settings: up to 64 new tokens · temperature 0.3 · top-p 1 · top-k 20 · repetition penalty 1.15"
+            " · thinking on · fine detail · 4 slices · 8 video frames")
+    expect(summary).to_have_text(line)
+    page.reload()
+    wait_loaded(page)
+    expect(summary).to_have_text(line)
+    page.get_by_text("Generation settings").click()
+    expect(settings.get_by_label("Temperature", exact=False).first).to_have_value("0.3")
     page.close()
 
 
