@@ -13,7 +13,7 @@ from browser_page import (PHONE, STOP, assert_no_error_state, attach, ask, chrom
                           reply_action, set_settings, wait_answered, wait_loaded)
 
 pytestmark = pytest.mark.skipif(chromium_missing, reason="no Chromium (apt-get install chromium)")
-# The issue asks for 50; STOP_PRESSES=50 runs them all (about 3 minutes on 2 busy cores).
+# The issue asks for 50; STOP_PRESSES=50 runs them all (3 to 5 minutes on 2 cores, more under load).
 STOP_PRESSES = int(os.environ.get("STOP_PRESSES", "16"))
 
 
@@ -46,6 +46,7 @@ def test_1_stop_before_the_first_word_stops_only_that_question(browser, queued_a
     page.close()
 
 
+@pytest.mark.timeout(60 + 15 * STOP_PRESSES)  # a guard against a hang that grows with the presses
 def test_1_stop_at_random_moments_touches_only_its_own_answer(browser, url):
     """Stop pressed (or double-clicked) at random moments: before the first token, mid-answer,
     just after the end. Each stopped reply keeps its mark and its stats; the question after it
