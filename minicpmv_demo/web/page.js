@@ -130,7 +130,7 @@
   // Made here rather than on the server so that it follows every change at once and in order:
   // the answers to a burst of server calls (the restore on load sets ten settings) can arrive out
   // of order and leave the line showing a value the settings no longer have.
-  const shortNumber = (x) => String(Number(Number(x).toPrecision(6))); // Python's :g, for these values
+  const shortNumber = (x) => String(Number(Number(x).toPrecision(6))); // 0.3, not 0.30000000000000004
   page.settingsSummary = ([maxNew, temperature, topP, topK, penalty, thinking, fine, slices, frames]) => {
     const parts = [`up to ${Math.trunc(maxNew)} new tokens`,
                    temperature ? `temperature ${shortNumber(temperature)} · top-p ${shortNumber(topP)}` : "greedy"];
