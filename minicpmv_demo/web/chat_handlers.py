@@ -42,13 +42,17 @@ NOT_ASKED = (gr.skip(), gr.skip(), gr.skip())
 
 def busy_box(value: dict | None = None) -> dict:
     """The box while a reply streams: Stop in place of Send; emptied when a question was sent."""
-    update = {"submit_btn": False, "stop_btn": True, "placeholder": ANSWERING_PLACEHOLDER}
-    return gr.update(**update) if value is None else gr.update(value=value, **update)
+    return _box(answering=True, placeholder=ANSWERING_PLACEHOLDER, value=value)
 
 
 def idle_box(service: ChatService, value: dict | None = None) -> dict:
     """The box between replies: Send, and the placeholder stating the limits (`value`: put back in it)."""
-    update = {"submit_btn": True, "stop_btn": False, "placeholder": input_placeholder(service.settings)}
+    return _box(answering=False, placeholder=input_placeholder(service.settings), value=value)
+
+
+def _box(answering: bool, placeholder: str, value: dict | None) -> dict:
+    """The message box's update: Stop or Send, its placeholder, and `value` in it (None: left as is)."""
+    update = {"submit_btn": not answering, "stop_btn": answering, "placeholder": placeholder}
     return gr.update(**update) if value is None else gr.update(value=value, **update)
 
 
